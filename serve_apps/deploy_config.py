@@ -1,0 +1,181 @@
+"""The multi-application Ray Serve config, generated from the per-use-case configs.
+
+One source of truth: `serve deploy`, the KubeRay RayService (k8s.manifests) and the serving
+tests all call :func:`build_serve_config`. Each use-case (``configs/use_cases/*.yaml``, one
+:class:`UseCaseConfig` per file) becomes one Serve application on its own route prefix, built
+by ``serve_apps.app:build_app`` with two deployments whose names are fixed here:
+
+- ``INGRESS_DEPLOYMENT``: the use-case's HTTP ingress (retrieval + business rules), light;
+- ``RANKER_DEPLOYMENT``: the model replica; it gets the use-case's CPUs/GPUs and autoscaling.
+
+CLI::
+
+    python -m serve_apps.deploy_config CONFIG --use-cases configs/use_cases -o serve_config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from model.config import ConfigError, UnirankConfig, UseCaseConfig, load_config
+
+IMPORT_PATH = "serve_apps.app:build_app"
+INGRESS_DEPLOYMENT = "UseCaseIngress"
+RANKER_DEPLOYMENT = "Ranker"
+INGRESS_NUM_CPUS = 0.1
+
+
+def load_use_cases(directory: str | Path) -> list[UseCaseConfig]:
+    """Every ``*.yaml`` in ``directory``, one UseCaseConfig each, sorted by file name.
+
+    Errors name the file and the dotted field path.
+    """
+    directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"no use-case configs (*.yaml) in {directory}")
+    out: list[UseCaseConfig] = []
+    for path in files:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid use-case config {path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid use-case config {path}: top level must be a mapping")
+        try:
+            out.append(UseCaseConfig.model_validate(data))
+        except ValidationError as err:
+            lines = [f"invalid use-case config {path}:"]
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"]) or "<root>"
+                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                lines.append(f"  {where}: {msg}")
+            raise ConfigError("\n".join(lines)) from None
+    names = [uc.name for uc in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"use-case configs in {directory}: names {dupes} appear twice")
+    return out
+
+
+def _deployments(uc: UseCaseConfig) -> list[dict[str, Any]]:
+    # Graceful shutdown lets in-flight requests (bounded by the request timeout) finish.
+    shutdown_s = max(2.0, 2 * uc.request_timeout_s)
+    # A request that cannot be routed within a fraction of its deadline is better failed fast.
+    router = {"max_backoff_s": round(min(0.5, uc.request_timeout_s / 4), 4)}
+    ranker = {
+        "name": RANKER_DEPLOYMENT,
+        "max_ongoing_requests": uc.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": uc.min_replicas,
+            "max_replicas": uc.max_replicas,
+            "target_ongoing_requests": uc.target_ongoing_requests,
+        },
+        "ray_actor_options": {"num_cpus": uc.num_cpus, "num_gpus": uc.num_gpus},
+        "graceful_shutdown_timeout_s": shutdown_s,
+        "request_router_config": router,
+    }
+    ingress = {
+        "name": INGRESS_DEPLOYMENT,
+        "max_ongoing_requests": uc.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": max(1, uc.min_replicas),
+            "max_replicas": uc.max_replicas,
+            "target_ongoing_requests": uc.target_ongoing_requests,
+        },
+        "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS, "num_gpus": 0.0},
+        "graceful_shutdown_timeout_s": shutdown_s,
+        "request_router_config": router,
+    }
+    return [ingress, ranker]
+
+
+def build_serve_config(
+    cfg: UnirankConfig,
+    use_cases: list[UseCaseConfig],
+    *,
+    host: str = "127.0.0.1",
+    model_uri: str | None = None,
+    config_path: str | None = None,
+) -> dict[str, Any]:
+    """The `serve deploy` multi-application config (a plain dict, ServeDeploySchema-valid).
+
+    ``model_uri`` defaults to ``cfg.serve.model_uri``. With ``config_path`` the applications
+    read the resolved config from that file (the RayService mounts it from a ConfigMap);
+    without it the resolved config travels inline in the application args.
+    """
+    if not use_cases:
+        raise ConfigError("build_serve_config: no use-cases given")
+    uri = model_uri if model_uri is not None else cfg.serve.model_uri
+    resolved = cfg.model_copy(update={"use_cases": list(use_cases)})
+    apps = []
+    for uc in use_cases:
+        args: dict[str, Any] = {
+            "use_case": uc.name,
+            "model_uri": uri,
+            "request_timeout_s": uc.request_timeout_s,
+        }
+        if config_path is not None:
+            args["config_path"] = config_path
+        else:
+            args["config"] = resolved.model_dump(mode="json")
+        apps.append(
+            {
+                "name": uc.name,
+                "route_prefix": uc.route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": args,
+                "deployments": _deployments(uc),
+            }
+        )
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {
+            "host": host,
+            "port": cfg.serve.port,
+            # The proxy's end-to-end bound; each app enforces its own (smaller) deadline.
+            "request_timeout_s": max(uc.request_timeout_s for uc in use_cases) * 2,
+        },
+        "applications": apps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve_apps.deploy_config", description=__doc__)
+    p.add_argument("config", help="the project config YAML (UnirankConfig)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.add_argument("--use-cases", default="configs/use_cases", help="directory of use-case YAMLs")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--host", default=None, help="HTTP host (default: serve.host of the config)")
+    p.add_argument("--model-uri", default=None)
+    p.add_argument("--config-path", default=None, help="apps read the config from this path")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        use_cases = load_use_cases(a.use_cases)
+        out = build_serve_config(
+            cfg,
+            use_cases,
+            host=a.host or cfg.serve.host,
+            model_uri=a.model_uri,
+            config_path=a.config_path,
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    text = yaml.safe_dump(out, sort_keys=False)
+    if a.output:
+        Path(a.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
