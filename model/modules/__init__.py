@@ -1,0 +1,1 @@
+"""Reusable layers; model/ensemble.py assembles them into the unirank model."""
