@@ -144,8 +144,21 @@ def build_overlay(name: str, **layer_kwargs) -> tuple[Layer, dict[str, list]]:
     return final, patches
 
 
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    # Multi-line strings (the mounted config, serveConfigV2) as readable literal blocks.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump(doc: Any) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, width=100)
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
 
 
 def _kustomization(resources: list[str], namespace: str | None = None, patches=None) -> str:

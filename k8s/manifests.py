@@ -22,8 +22,8 @@ import yaml
 
 from k8s.jobs import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH, JOBS, entrypoint
 from k8s.jobs import module_exists as _module_exists
-from k8s.settings import ROOT, NodeResources, Settings
-from model.config import UnirankConfig, load_config
+from k8s.settings import ROOT, NodeResources, Settings, deep_merge
+from model.config import UnirankConfig, apply_overrides, config_from_dict
 from serve_apps.deploy_config import IMPORT_PATH, build_serve_config, load_use_cases
 
 RAY_API = "ray.io/v1"
@@ -46,11 +46,32 @@ class Layer:
     notes: list[str] = field(default_factory=list)
 
 
+def config_document(s: Settings, root: Path = ROOT) -> dict[str, Any]:
+    """The config file the cluster mounts: settings.config + its overrides + the use-cases.
+
+    Only what is set is written (no defaults): the job resolves and saves the full config at
+    load time, so a new default in model/config.py does not change the manifests. It is
+    validated here, so a bad override fails at render time.
+    """
+    data: dict[str, Any] = {}
+    if s.config is not None:
+        path = root / s.config
+        data = yaml.safe_load(path.read_text()) or {}
+        parent = data.pop("base", None)
+        if parent is not None:
+            data = deep_merge(yaml.safe_load((path.parent / parent).read_text()) or {}, data)
+    data = apply_overrides(data, s.config_overrides)
+    data["use_cases"] = [
+        uc.model_dump(mode="json", exclude_unset=True)
+        for uc in load_use_cases(root / s.use_cases_dir)
+    ]
+    config_from_dict(data, f"k8s settings config {s.config or '<defaults>'}")
+    return data
+
+
 def resolved_config(s: Settings, root: Path = ROOT) -> UnirankConfig:
-    """The project config the cluster runs: settings.config + overrides + the use-cases."""
-    path = None if s.config is None else root / s.config
-    cfg = load_config(path, s.config_overrides)
-    return cfg.model_copy(update={"use_cases": load_use_cases(root / s.use_cases_dir)})
+    """The resolved project config of the cluster (what the jobs and Serve will load)."""
+    return config_from_dict(config_document(s, root), "k8s settings config")
 
 
 def _labels(s: Settings, component: str) -> dict[str, str]:
@@ -65,8 +86,8 @@ def _meta(name: str, s: Settings, component: str) -> dict[str, Any]:
     return {"name": name, "labels": _labels(s, component)}
 
 
-def configmaps(s: Settings, cfg: UnirankConfig) -> list[dict[str, Any]]:
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def configmaps(s: Settings, config: dict[str, Any]) -> list[dict[str, Any]]:
+    config_text = yaml.safe_dump(config, sort_keys=False)
     return [
         {
             "apiVersion": "v1",
@@ -238,8 +259,9 @@ def build_layer(
 ) -> Layer:
     """Every manifest of a layer. Jobs/Serve whose module is missing are skipped with a note,
     unless ``all_jobs`` / ``force_serve`` (used by tests to validate them ahead of time)."""
-    cfg = resolved_config(s, root)
-    layer = Layer(cluster=[*configmaps(s, cfg), raycluster(s)])
+    config = config_document(s, root)
+    cfg = config_from_dict(config, "k8s settings config")
+    layer = Layer(cluster=[*configmaps(s, config), raycluster(s)])
     if force_serve or module_exists(SERVE_MODULE):
         layer.cluster.append(rayservice(s, cfg))
     else:

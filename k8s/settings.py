@@ -8,6 +8,7 @@ the file and the field path.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from model.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+# The project directory holding configs/ (the source tree; UNIRANK_HOME in the image).
+ROOT = Path(os.environ.get("UNIRANK_HOME") or Path(__file__).resolve().parents[1])
 SETTINGS_DIR = ROOT / "configs" / "k8s"
 BASE = "base"
 

@@ -71,11 +71,15 @@ def _crd_validator(kind: str, directory: str) -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
+def _member(key: Any) -> str:
+    """A JSONPath member step, written like jsonschema's ``json_path`` does."""
+    if isinstance(key, int):
+        return f"[{key}]"
+    return f".{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)) else f"['{key}']"
+
+
 def _json_path(base: str, loc: Iterable[Any]) -> str:
-    out = base
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
+    return base + "".join(_member(part) for part in loc)
 
 
 # --------------------------------------------------------------------------- schema checks
@@ -154,7 +158,7 @@ def _check_groups(base: str, spec: dict) -> list[tuple[str, str]]:
             if not isinstance(v, str):
                 out.append(
                     (
-                        f"{path}.rayStartParams.{k}",
+                        f"{path}.rayStartParams{_member(k)}",
                         f'rayStartParams values must be strings; quote it: {k}: "{v}"',
                     )
                 )
@@ -280,7 +284,7 @@ def _check_configmap(doc: dict) -> list[tuple[str, str]]:
     out = []
     for key, value in (doc.get("data") or {}).items():
         if SECRET_NAME.search(str(key)):
-            out.append((f"$.data.{key}", "credentials belong in a Secret, not a ConfigMap"))
+            out.append((f"$.data{_member(key)}", "credentials belong in a Secret, not a ConfigMap"))
             continue
         if not isinstance(value, str) or not key.endswith((".yaml", ".yml")):
             continue
@@ -293,7 +297,7 @@ def _check_configmap(doc: dict) -> list[tuple[str, str]]:
             if isinstance(storage, dict) and storage.get(field):
                 out.append(
                     (
-                        f"$.data['{key}'].storage.{field}",
+                        f"$.data{_member(key)}.storage.{field}",
                         "S3 credentials must come from the Secret, never inline",
                     )
                 )
