@@ -11,8 +11,6 @@
 + calibration for serving. Adding a task or a use-case (task_type) is config only.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
@@ -32,6 +30,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 class UnirankModel(nn.Module):
+    backbone_names: list[str]  # class-level: TorchScript needs the type even when empty
+    task_names: list[str]  # class-level: TorchScript needs the type even when empty
+
     def __init__(
         self,
         embeddings: FusedEmbeddings,
@@ -52,12 +53,12 @@ class UnirankModel(nn.Module):
         self.sequence = sequence
         self.candidate_index = candidate_index  # column of the candidate item in Batch.sparse
         self.bottom = bottom
-        self.backbone_names: list[str] = list(backbones.keys())
+        self.backbone_names = list(backbones.keys())
         self.backbones = nn.ModuleList(list(backbones.values()))
         self.fusion = fusion
         self.experts = experts
         self.towers = towers
-        self.task_names: list[str] = list(towers.task_names)
+        self.task_names = list(towers.task_names)
 
     def fields(
         self,

@@ -6,8 +6,6 @@ per-field offsets are a buffer, and features that ``share_with`` another feature
 source_item_id, seq_item_ids) simply use the same offset — the same rows.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,6 +13,9 @@ from torch import nn
 
 
 class FusedEmbeddings(nn.Module):
+    multi_names: list[str]  # class-level: TorchScript needs the type even when empty
+    multi_offsets: list[int]  # class-level: TorchScript needs the type even when empty
+
     def __init__(
         self,
         table_rows: Mapping[str, int],
@@ -36,9 +37,9 @@ class FusedEmbeddings(nn.Module):
         self.register_buffer(
             "sparse_offsets", torch.tensor([offsets[t] for t in sparse_tables], dtype=torch.long)
         )
-        self.multi_names: list[str] = list(multi_names)
-        self.multi_offsets: list[int] = [offsets[t] for t in multi_tables]
-        self.seq_offset: int = offsets[seq_table] if seq_table is not None else 0
+        self.multi_names = list(multi_names)
+        self.multi_offsets = [offsets[t] for t in multi_tables]
+        self.seq_offset = offsets[seq_table] if seq_table is not None else 0
 
     def sparse(self, ids: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, F, D)
         return self.table(ids + self.sparse_offsets)

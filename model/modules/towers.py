@@ -1,7 +1,5 @@
 """One tower per task: MLP -> one logit."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
@@ -11,9 +9,11 @@ from model.modules.mlp import MLP
 
 
 class Towers(nn.Module):
+    task_names: list[str]  # class-level: TorchScript needs the type even when empty
+
     def __init__(self, in_dim: int, dims: Sequence[int], task_names: Sequence[str], dropout: float):
         super().__init__()
-        self.task_names: list[str] = list(task_names)
+        self.task_names = list(task_names)
         towers = []
         for _ in task_names:
             mlp = MLP(in_dim, dims, dropout)

@@ -1,0 +1,223 @@
+"""The serving face: predictor module, TorchScript export, loading, CUDA Graphs.
+
+An exported directory is self-contained:
+
+    model.pt           TorchScript predictor: fixed-shape padded tensors -> probabilities
+    processor.json     FeatureProcessor statistics (model.features)
+    calibrators.json   per-task calibrators (model.calibration), applied right after model.pt
+    config.yaml        the resolved UnirankConfig the model was trained with
+    manifest.json      file list, precision, tasks, shape buckets, torch version
+
+``load_predictor(dir).predict(columns)`` runs the same FeatureProcessor as training, pads to
+a fixed shape bucket, runs model.pt and calibrates: {task: np.ndarray (n,)}.
+"""
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from model.batch import Batch, pad_batch, shape_bucket
+from model.calibration import Calibrators
+from model.config import UnirankConfig, config_from_dict
+from model.ensemble import set_precision
+from model.features import Columns, FeatureProcessor
+
+MODEL_FILE = "model.pt"
+PROCESSOR_FILE = "processor.json"
+CALIBRATORS_FILE = "calibrators.json"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+
+
+class UnknownTaskTypeError(ValueError):
+    """A request names task_types the model was not trained on (Serve answers 4xx)."""
+
+    def __init__(self, unknown: Sequence[str], known: Sequence[str]):
+        self.unknown = list(unknown)
+        super().__init__(f"unknown task_type {self.unknown}; this model knows {list(known)}")
+
+
+class Predictor(nn.Module):
+    """model -> probabilities: sigmoid for BCE tasks, the raw output for MSE tasks."""
+
+    sigmoid_tasks: list[str]  # class-level: TorchScript needs the type even when empty
+
+    def __init__(self, model: nn.Module, sigmoid_tasks: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.sigmoid_tasks = list(sigmoid_tasks)
+
+    def forward(
+        self,
+        sparse: torch.Tensor,
+        multi: dict[str, torch.Tensor],
+        dense: torch.Tensor,
+        seq_items: torch.Tensor,
+        seq_types: torch.Tensor,
+        seq_gaps: torch.Tensor,
+        seq_mask: torch.Tensor,
+        task_type: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        logits = self.model(
+            sparse, multi, dense, seq_items, seq_types, seq_gaps, seq_mask, task_type
+        )
+        out: dict[str, torch.Tensor] = {}
+        for name, z in logits.items():
+            out[name] = torch.sigmoid(z) if name in self.sigmoid_tasks else z
+        return out
+
+
+def make_predictor(model: nn.Module, cfg: UnirankConfig, precision: str = "fp32") -> Predictor:
+    """An eval-mode copy of the model with its heavy layers in ``precision``, + sigmoid."""
+    m = set_precision(copy.deepcopy(model).eval(), precision)
+    return Predictor(m, [t.name for t in cfg.dataset.tasks if t.loss == "bce"]).eval()
+
+
+def script_predictor(model: nn.Module, cfg: UnirankConfig, precision: str = "fp32"):
+    """TorchScript (torch.jit.script, frozen) of the predictor.
+
+    script, not trace: the model has data-independent but Python-level control flow
+    (loops over backbones / tasks, optional modules) that tracing would bake in silently.
+    """
+    scripted = torch.jit.script(make_predictor(model, cfg, precision))
+    return torch.jit.freeze(scripted)
+
+
+def export(
+    out_dir: str | Path,
+    model: nn.Module,
+    processor: FeatureProcessor,
+    cfg: UnirankConfig,
+    calibrators: Calibrators | None = None,
+    precision: str | None = None,
+) -> Path:
+    """Write the self-contained serving directory; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    precision = precision or cfg.model.precision
+    task_names = [t.name for t in cfg.dataset.tasks]
+    calibrators = calibrators or Calibrators.identity(task_names)
+    torch.jit.save(script_predictor(model, cfg, precision), str(out / MODEL_FILE))
+    (out / PROCESSOR_FILE).write_text(json.dumps(processor.state_dict(), indent=1))
+    calibrators.save(out / CALIBRATORS_FILE)
+    (out / CONFIG_FILE).write_text(cfg.to_yaml())
+    manifest = {
+        "format": "unirank-export/1",
+        "files": [MODEL_FILE, PROCESSOR_FILE, CALIBRATORS_FILE, CONFIG_FILE],
+        "precision": precision,
+        "tasks": task_names,
+        "task_types": list(processor.layout.task_types),
+        "shape_buckets": list(cfg.serve.shape_buckets),
+        "torch": torch.__version__,
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+class LoadedPredictor:
+    """An exported model ready to serve: ``predict(columns) -> {task: np.ndarray}``."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        path = Path(path)
+        missing = [f for f in (MODEL_FILE, PROCESSOR_FILE, CALIBRATORS_FILE, CONFIG_FILE)
+                   if not (path / f).exists()]  # fmt: skip
+        if missing:
+            raise FileNotFoundError(f"export directory {path} lacks {missing}")
+        self.path = path
+        self.cfg = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()), str(path))
+        state = json.loads((path / PROCESSOR_FILE).read_text())
+        self.processor = FeatureProcessor.from_state_dict(self.cfg.dataset, state)
+        self.calibrators = Calibrators.load(path / CALIBRATORS_FILE)
+        self.device = torch.device(device)
+        self.module = torch.jit.load(str(path / MODEL_FILE), map_location=self.device).eval()
+        self.shape_buckets = list(self.cfg.serve.shape_buckets)
+        self.task_types = np.asarray(self.processor.layout.task_types, dtype=object)
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Uncalibrated outputs for a Batch, padded to its shape bucket and cut back."""
+        n = len(batch)
+        padded = pad_batch(batch, shape_bucket(n, self.shape_buckets)).to(self.device)
+        with torch.inference_mode():
+            out = self.module(*padded.inputs())
+        return {t: v[:n].float().cpu().numpy() for t, v in out.items()}
+
+    def predict(self, columns: Columns, allow_unknown_task_type: bool = False):
+        """Calibrated probabilities per task for each row of ``columns``.
+
+        Raises UnknownTaskTypeError (a ValueError) for task_types the model does not know,
+        unless ``allow_unknown_task_type`` (they are then scored as task_type 0).
+        """
+        if not allow_unknown_task_type:
+            unknown = self.processor.unknown_task_types(columns)
+            if unknown:
+                raise UnknownTaskTypeError(unknown, self.cfg.dataset.task_types)
+        batch = self.processor(columns)
+        raw = self.run(batch)
+        names = self.task_types[batch.task_type.numpy()]  # (n,) task_type names
+        return self.calibrators.apply(raw, names)
+
+
+def load_predictor(path: str | Path, device: str = "cpu") -> LoadedPredictor:
+    return LoadedPredictor(path, device)
+
+
+# --------------------------------------------------------------------------- CUDA Graphs
+
+
+def cuda_graphs_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why CUDA Graphs cannot be used here, or None if they can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"CUDA Graphs skipped: device is {device.type}, graphs need a CUDA device"
+    if not torch.cuda.is_available():
+        return "CUDA Graphs skipped: torch.cuda.is_available() is False (no GPU or CPU-only torch)"
+    return None
+
+
+class CudaGraphRunner:
+    """Replays one captured forward for a fixed batch shape (serving pads to shape buckets).
+
+    Inputs are copied into static tensors, the graph is replayed, outputs are cloned. One
+    runner per shape bucket. Only constructed when a GPU is present.
+    """
+
+    def __init__(self, module: nn.Module, example: Batch, warmup: int = 3):
+        reason = cuda_graphs_unavailable_reason(example.sparse.device)
+        if reason:
+            raise RuntimeError(reason)
+        self.module = module
+        self.static = example.inputs()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup):  # allocator and cuDNN/cuBLAS autotuning before capture
+                module(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.static_out = module(*self.static)
+        self.batch_size = len(example)
+
+    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
+        for dst, src in zip(self.static, inputs, strict=True):
+            if isinstance(dst, dict):
+                for k in dst:
+                    dst[k].copy_(src[k])
+            else:
+                dst.copy_(src)
+        self.graph.replay()
+        return {k: v.clone() for k, v in self.static_out.items()}
+
+
+def maybe_cuda_graphs(module: nn.Module, example: Batch) -> tuple[object, str | None]:
+    """(CudaGraphRunner, None) on a GPU; (module unchanged, reason) anywhere else."""
+    reason = cuda_graphs_unavailable_reason(example.sparse.device)
+    if reason:
+        return module, reason
+    return CudaGraphRunner(module, example), None
