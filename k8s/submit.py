@@ -390,6 +390,7 @@ def _deploy_from_overlay(a: argparse.Namespace, api: RayApi | None) -> int:
         ns,
         f"{settings.name_prefix}-serve",
         text,
+        poll_s=a.poll,
         timeout_s=a.timeout or 1800.0,
     )
 
