@@ -1,0 +1,44 @@
+# unirank: the two commands a user needs on a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: venv demo test test-unit lint format bench clean
+
+venv: $(VENV)/.installed
+
+# torch first, from the local CPU wheel: a loose torch requirement in a fresh venv pulls a
+# multi-GB CUDA build. pip is upgraded first: the venv's pip 23.2 backtracks for 15+ minutes.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,kubeflow]'
+	touch $@
+
+## Run the main job end to end on the embedded defaults (local Ray, local storage, local MLflow).
+demo: venv
+	$(PY) -m ray_jobs.demo
+
+## Run the whole test suite (what CI runs).
+test: venv
+	$(VENV)/bin/pytest -q --timeout=900
+
+test-unit: venv
+	$(VENV)/bin/pytest -q -m unit
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: venv
+	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

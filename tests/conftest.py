@@ -1,0 +1,111 @@
+"""Session fixtures: one local Ray cluster, real services on 127.0.0.1.
+
+Services are reused when .ci/run (or you) started them and exported their address
+(UNIRANK_TEST_S3_ENDPOINT, UNIRANK_TEST_MLFLOW_URI, UNIRANK_TEST_REDIS_URL); otherwise the
+fixture starts its own and stops it at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+S3_KEY = "testing"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session: 2 CPUs, a small object store."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=400 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real moto S3 server on 127.0.0.1; yields its endpoint URL."""
+    endpoint = os.environ.get("UNIRANK_TEST_S3_ENDPOINT")
+    proc = None
+    if not endpoint:
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(port, proc=proc)
+        endpoint = f"http://127.0.0.1:{port}"
+    yield endpoint
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; yields (bucket, storage overrides for the config tree)."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_KEY,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    overrides = [
+        f"storage.endpoint_url={s3_endpoint}",
+        f"storage.access_key_id={S3_KEY}",
+        f"storage.secret_access_key={S3_KEY}",
+        "storage.region=us-east-1",
+    ]
+    yield bucket, overrides
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""The synthetic raw-log generator on a real Ray cluster, on local disk and on S3 (moto)."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from model.config import load_config
+from model.schema import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA
+from model.storage import list_parquet
+from ray_jobs.common import read_parquet
+from ray_jobs.generate import generate, summarize
+
+pytestmark = pytest.mark.integration
+
+SMALL = [
+    "generate.num_impressions=12000",
+    "generate.rows_per_chunk=3000",
+    "generate.num_users=400",
+    "generate.num_items=1500",
+    "generate.num_advertisers=40",
+    "generate.days=5",
+]
+
+
+def _cfg(out, *extra):
+    return load_config(None, [*SMALL, f"generate.output={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def generated(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "raw"
+    cfg = _cfg(out)
+    counts = generate(cfg)
+    return cfg, counts, out
+
+
+def _read_all(cfg, part):
+    return _to_table(read_parquet(f"{cfg.generate.output}/{part}", cfg.storage))
+
+
+def _to_table(ds):
+    import pyarrow as pa
+    import ray
+
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+
+
+def test_writes_raw_logs_with_schema(generated):
+    cfg, counts, out = generated
+    assert counts["impressions"] == 12000 and counts["chunks"] == 4
+    imps = _read_all(cfg, "impressions")
+    events = _read_all(cfg, "events")
+    assert imps.schema.equals(IMPRESSIONS_SCHEMA)
+    assert events.schema.equals(EVENTS_SCHEMA)
+    assert imps.num_rows == 12000
+    assert set(imps.column("task_type").to_pylist()) == set(cfg.generate.task_type_mix)
+    assert len(set(imps.column("impression_id").to_pylist())) == 12000
+    # Ads rows carry advertiser ids; the others the placeholder.
+    ads = imps.filter(pc.equal(imps["task_type"], "ads"))
+    assert pc.min(ads["advertiser_id"]).as_py() >= 1
+    other = imps.filter(pc.not_equal(imps["task_type"], "ads"))
+    assert pc.max(other["advertiser_id"]).as_py() == 0
+
+
+def test_same_seed_same_rows_whatever_the_blocks(ray_cluster, generated, tmp_path):
+    cfg, _, _ = generated
+    other = _cfg(tmp_path / "raw", "generate.num_blocks=1")
+    generate(other)
+    for part in ("impressions", "events", "truth/impressions"):
+        a = _read_all(cfg, part).sort_by("impression_id" if part != "events" else "event_id")
+        b = _read_all(other, part).sort_by("impression_id" if part != "events" else "event_id")
+        assert a.equals(b), part
+    different = _cfg(tmp_path / "raw2", "generate.seed=8", "generate.num_impressions=3000")
+    generate(different)
+    assert (
+        not _read_all(different, "impressions")
+        .column("item_id")
+        .equals(_read_all(cfg, "impressions").slice(0, 3000).column("item_id"))
+    )
+
+
+def test_label_rates_match_truth(generated):
+    cfg, _, _ = generated
+    truth = _read_all(cfg, "truth/impressions").to_pandas()
+    rates = truth.groupby("task_type")[["p_click", "true_click"]].mean()
+    for tt, row in rates.iterrows():
+        assert abs(row["true_click"] - row["p_click"]) < 0.04, tt
+    ads = truth[truth.task_type == "ads"]
+    assert 0.0 < ads.true_checkout.mean() < ads.true_add_to_cart.mean() < ads.true_click.mean()
+    # Streaming use-cases have no conversions; ads no engage.
+    assert truth[truth.task_type != "ads"].true_checkout.sum() == 0
+    assert ads.true_engage.sum() == 0
+
+
+def test_conversions_arrive_delayed(generated):
+    cfg, _, _ = generated
+    events = _read_all(cfg, "events").to_pandas().drop_duplicates("event_id")
+    clicks = events[events.event_type == "click"].set_index("impression_id")["event_time"]
+    for kind, min_median_h in (("add_to_cart", 1.0), ("checkout", 5.0)):
+        conv = (
+            events[events.event_type == kind].drop_duplicates("event_id").set_index("impression_id")
+        )
+        delay_h = (conv["event_time"] - clicks.reindex(conv.index)).dt.total_seconds() / 3600
+        assert delay_h.notna().all(), f"{kind} without a click"
+        assert (delay_h > 0).all()
+        assert delay_h.median() > min_median_h, kind
+        assert delay_h.quantile(0.9) > 24  # days, not seconds, for a real share
+
+
+def test_noisy_advertisers_inflate_reported_conversions(generated):
+    cfg, _, out = generated
+    adv = pq.read_table(out / "truth" / "advertisers.parquet").to_pandas()
+    assert adv.noisy.mean() == pytest.approx(cfg.generate.noisy_advertiser_fraction, abs=0.03)
+    logged = _read_all(cfg, "events").to_pandas()
+    assert logged.duplicated("event_id").any()  # duplicates are logged, prepare counts them once
+    events = logged.drop_duplicates("event_id")
+    truth = _read_all(cfg, "truth/impressions").to_pandas()
+    reported = events[events.event_type == "add_to_cart"].groupby("advertiser_id").size()
+    true = truth[truth.true_add_to_cart].groupby("advertiser_id").size()
+    ratio = (reported / true.reindex(reported.index).fillna(0).clip(lower=1)).rename("ratio")
+    merged = adv.set_index("advertiser_id").join(ratio).dropna()
+    assert merged[merged.noisy].ratio.mean() > 1.8 * merged[~merged.noisy].ratio.mean()
+
+
+def test_summary_reads_back_per_task_type(generated):
+    cfg, _, _ = generated
+    summary = summarize(cfg)
+    assert summary["rows"] == 12000
+    truth = _read_all(cfg, "truth/impressions").to_pandas()
+    ads = summary["task_types"]["ads"]
+    assert ads["label_rates"]["click"] == pytest.approx(
+        truth[truth.task_type == "ads"].true_click.mean(), abs=1e-4
+    )
+    p = ads["seq_len_pctiles"]
+    assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= cfg.generate.max_seq_len
+
+
+def test_round_trip_through_s3(ray_cluster, s3_bucket):
+    bucket, storage = s3_bucket
+    cfg = load_config(
+        None,
+        [*SMALL, "generate.num_impressions=4000", f"generate.output=s3://{bucket}/raw", *storage],
+    )
+    counts = generate(cfg)
+    fs, files = list_parquet(f"s3://{bucket}/raw/impressions", cfg.storage)
+    assert len(files) == counts["chunks"] == 2
+    imps = _to_table(read_parquet(f"s3://{bucket}/raw/impressions", cfg.storage))
+    assert imps.num_rows == 4000
+    assert summarize(cfg)["rows"] == 4000
+    ids = np.sort(imps.column("impression_id").to_numpy())
+    assert (ids == np.arange(4000)).all()

@@ -1,0 +1,76 @@
+"""MovieLens -> unified examples: use-cases, labels, sequences, time split."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from model.config import load_config
+from model.schema import UNIFIED_SCHEMA, validate_schema
+from ray_jobs.movielens import write_movielens
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ml") / "movielens"
+    cfg = load_config("configs/movielens.yaml", [f"movielens.output={out}"])
+    summary = write_movielens(cfg)
+    splits = {s: pq.read_table(out / s) for s in ("train", "validation", "test")}
+    return cfg, summary, splits, out
+
+
+def test_splits_are_unified_examples_and_ordered_in_time(built):
+    cfg, summary, splits, _ = built
+    for name, table in splits.items():
+        assert table.schema.equals(UNIFIED_SCHEMA), name
+        validate_schema(table.schema, cfg.dataset, name)
+    train_max = pc.max(splits["train"]["event_time"]).as_py()
+    val_min, val_max = (
+        pc.min(splits["validation"]["event_time"]).as_py(),
+        pc.max(splits["validation"]["event_time"]).as_py(),
+    )
+    test_min = pc.min(splits["test"]["event_time"]).as_py()
+    assert train_max <= val_min and val_max <= test_min
+    total = sum(t.num_rows for t in splits.values())
+    assert total == 100836 * (1 + cfg.movielens.negatives_per_positive)
+    assert splits["test"].num_rows == pytest.approx(0.1 * total, rel=0.05)
+
+
+def test_use_cases_and_their_context(built):
+    _, _, splits, _ = built
+    t = splits["train"].to_pandas()
+    assert set(t.task_type) == {"notifications", "related_items", "search", "category"}
+    assert (t[t.task_type == "related_items"].source_item_id > 0).all()
+    assert (t[t.task_type == "search"].query_tokens.map(len) > 0).all()
+    assert (t[t.task_type == "category"].category_id > 0).all()
+    assert (t[t.task_type != "search"].query_tokens.map(len) == 0).all()
+
+
+def test_labels_click_engage_and_unobserved_conversions(built):
+    cfg, _, splits, _ = built
+    t = splits["train"].to_pandas()
+    assert t.click.mean() == pytest.approx(1 / (1 + cfg.movielens.negatives_per_positive), abs=0.01)
+    assert (t.engage <= t.click).all()  # engage only on rated items
+    assert t.add_to_cart.isna().all() and t.checkout.isna().all()
+    assert (t.sample_weight == 1.0).all()
+
+
+def test_sequences_are_prior_ratings_newest_last(built):
+    cfg, _, splits, _ = built
+    t = splits["test"].slice(0, 2000).to_pandas()
+    event_s = t.event_time.astype("int64") // 10**6 if t.event_time.dtype != object else None
+    for ts_list, now in zip(t.seq_timestamps, event_s, strict=True):
+        assert len(ts_list) <= cfg.movielens.max_seq_len
+        assert (np.diff(ts_list) >= 0).all()
+        assert len(ts_list) == 0 or ts_list[-1] <= now
+
+
+def test_raw_logs_for_prepare(built):
+    _, _, splits, out = built
+    imps = pq.read_table(out / "raw" / "impressions")
+    events = pq.read_table(out / "raw" / "events")
+    assert imps.num_rows == sum(t.num_rows for t in splits.values())
+    clicks = events.filter(pc.equal(events["event_type"], "click")).num_rows
+    assert clicks == 100836
