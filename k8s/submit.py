@@ -60,7 +60,12 @@ class KubeApi:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as exc:
+                raise SubmitError(
+                    f"no Kubernetes config (in-cluster or kubeconfig): {exc}"
+                ) from None
         self._custom = client.CustomObjectsApi()
         self._core = client.CoreV1Api()
         self._api_exception = client.exceptions.ApiException
