@@ -239,9 +239,9 @@ class _Reader:
             else:  # strings / datetime objects from a JSON request
                 import pandas as pd
 
-                ts = pd.to_datetime(pd.Series(a), utc=True)
-                out = np.where(ts.isna(), null, ts.astype("int64") // 1_000_000_000)
-                out = np.asarray(out, dtype=np.int64)
+                ts = pd.to_datetime(pd.Series(a), utc=True).dt.tz_localize(None)
+                sec = ts.to_numpy().astype("datetime64[s]")  # resolution-independent
+                out = np.where(np.isnat(sec), null, sec.astype(np.int64))
         self._check(name, len(out))
         return np.asarray(out, dtype=np.int64)
 
