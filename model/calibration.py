@@ -29,6 +29,10 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def _sigmoid(s: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0, -s))  # no overflow for large |s|
+
+
 def downsample_correction(p: np.ndarray, neg_keep_rate: float) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     if not 0 < neg_keep_rate <= 1:
@@ -107,21 +111,33 @@ class PlattCalibrator:
         y = np.asarray(y, dtype=np.float64)
         w = np.ones(len(z)) if w is None else np.asarray(w, dtype=np.float64)
         x = np.stack([z, np.ones_like(z)], 1)  # (n, 2)
-        theta = np.array([1.0, 0.0])
         ridge = 1e-6 * np.eye(2)  # keeps the Hessian invertible on separable data
+
+        def nll(t: np.ndarray) -> float:
+            s = x @ t
+            return float((w * (np.logaddexp(0, s) - y * s)).sum())
+
+        theta = np.array([1.0, 0.0])
+        current = nll(theta)
         for _ in range(iters):
-            q = 1 / (1 + np.exp(-(x @ theta)))
+            q = _sigmoid(x @ theta)
             grad = x.T @ (w * (q - y))
             hess = (x * (w * q * (1 - q))[:, None]).T @ x + ridge
             step = np.linalg.solve(hess, grad)
-            theta -= step
+            # Damped Newton: halve the step until the loss does not increase.
+            for _ in range(30):
+                cand = nll(theta - step)
+                if cand <= current:
+                    break
+                step = step / 2
+            theta, current = theta - step, min(cand, current)
             if np.abs(step).max() < 1e-10:
                 break
         self.a, self.b = float(theta[0]), float(theta[1])
         return self
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-(self.a * _logit(np.asarray(p, dtype=np.float64)) + self.b)))
+        return _sigmoid(self.a * _logit(np.asarray(p, dtype=np.float64)) + self.b)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "a": self.a, "b": self.b}

@@ -1,0 +1,185 @@
+"""The ensemble: shapes, padding, gradients, every fusion mode / expert kind / backbone."""
+
+import itertools
+
+import pytest
+import torch
+
+from model.config import TaskSpec, UnirankConfig
+from model.ensemble import build_model, param_groups, set_precision
+from model.features import FeatureProcessor
+from model.losses import MultiTaskLoss
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_cfg, examples):
+    proc = FeatureProcessor(tiny_cfg().dataset).fit([examples])
+    return proc(examples.slice(0, 64))
+
+
+def test_output_shapes_per_task(tiny_cfg, batch):
+    cfg = tiny_cfg()
+    out = build_model(cfg).eval()(*batch.inputs())
+    assert set(out) == {t.name for t in cfg.dataset.tasks}
+    for v in out.values():
+        assert v.shape == (64,) and v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_default_config_builds_and_runs(examples):
+    cfg = UnirankConfig()
+    proc = FeatureProcessor(cfg.dataset)
+    out = build_model(cfg).eval()(*proc(examples.slice(0, 8)).inputs())
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "click": (8,),
+        "add_to_cart": (8,),
+        "checkout": (8,),
+        "engage": (8,),
+    }
+
+
+def test_adding_a_task_is_config_only(tiny_cfg, examples):
+    cfg = tiny_cfg()
+    cfg.dataset.tasks = [
+        *cfg.dataset.tasks,
+        TaskSpec(name="dwell", label_column="price", loss="mse"),
+    ]
+    b = FeatureProcessor(cfg.dataset).fit([examples])(examples.slice(0, 16))
+    out = build_model(cfg)(*b.inputs())
+    assert out["dwell"].shape == (16,) and b.labels.shape == (16, 5)
+    loss, per_task = MultiTaskLoss.from_config(cfg)(out, b)
+    assert set(per_task) == {"click", "add_to_cart", "checkout", "engage", "dwell"}
+
+
+def test_shared_tables_are_one_set_of_rows(tiny_cfg):
+    model = build_model(tiny_cfg())
+    emb = model.embeddings
+    names = ["user_id", "item_id", "source_item_id", "advertiser_id", "campaign_id", "category_id"]
+    offsets = dict(zip(names, emb.sparse_offsets.tolist()[: len(names)], strict=True))
+    assert offsets["source_item_id"] == offsets["item_id"] == emb.seq_offset
+    assert emb.table.num_embeddings == 512 + 1024 + 64 + 128 + 32 + 256 + 8 + 24 + 8
+
+
+def _user_vector(model, b):
+    cand = model.embeddings.sparse(b.sparse)[:, model.candidate_index]
+    items = model.embeddings.sequence(b.seq_items)
+    return model.sequence(items, b.seq_types, b.seq_gaps, b.seq_mask, cand)
+
+
+def test_padding_does_not_change_the_output(tiny_cfg, batch):
+    model = build_model(tiny_cfg()).eval()
+    assert (~batch.seq_mask).any(), "fixture needs some padded sequences"
+    noisy = batch._map(lambda t: t.clone())
+    pad = ~noisy.seq_mask
+    g = torch.Generator().manual_seed(1)
+    noisy.seq_items[pad] = torch.randint(1, 1000, (int(pad.sum()),), generator=g)
+    noisy.seq_types[pad] = torch.randint(0, 8, (int(pad.sum()),), generator=g)
+    noisy.seq_gaps[pad] = torch.rand(int(pad.sum()), generator=g) * 1e6
+    with torch.no_grad():
+        torch.testing.assert_close(_user_vector(model, batch), _user_vector(model, noisy))
+        a, b = model(*batch.inputs()), model(*noisy.inputs())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_all_padding_sequence_is_finite(tiny_cfg, batch):
+    model = build_model(tiny_cfg())
+    empty = batch._map(lambda t: t.clone())
+    empty.seq_mask[:] = False
+    u = _user_vector(model, empty)
+    assert torch.isfinite(u).all() and (u == 0).all()
+    out = model(*empty.inputs())
+    loss = sum(v.sum() for v in out.values())
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+COMBOS = [
+    # (backbones, fusion, experts, low_rank)
+    (["cross", "attention", "masknet"], "gating", "none", None),
+    (["cross", "attention"], "average", "mmoe", 4),
+    (["cross", "masknet"], "blend", "ple", None),
+    (["attention"], "gating", "ple", None),
+    (["masknet", "cross"], "average", "none", 2),
+    (["cross", "attention", "masknet"], "blend", "mmoe", None),
+]
+
+
+@pytest.mark.parametrize(("backbones", "fusion", "experts", "low_rank"), COMBOS)
+def test_every_branch_receives_gradient(tiny_cfg, batch, backbones, fusion, experts, low_rank):
+    cfg = tiny_cfg(
+        backbones=backbones,
+        fusion=fusion,
+        experts={"kind": experts, "num_experts": 2, "num_shared": 1, "hidden": 16},
+        cross={"num_layers": 2, "low_rank": low_rank},
+    )
+    model = build_model(cfg)
+    assert model.backbone_names == backbones
+    out = model(*batch.inputs())
+    # Full labels so every tower gets a loss term; perturbed so gradients are generic.
+    b = batch._map(lambda t: t.clone())
+    b.label_mask[:] = True
+    loss, _ = MultiTaskLoss.from_config(cfg)(out, b)
+    loss.backward()
+    silent = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
+    # The candidate-free query vector is unused when candidate attention is on; a softmax
+    # over a single backbone is constant, so its gate cannot learn (and need not).
+    expected = ["sequence.query_vec"]
+    if len(backbones) == 1:
+        expected += [n for n, _ in model.fusion.named_parameters(prefix="fusion")]
+    assert silent == expected, silent
+
+
+def test_sequence_options_off(tiny_cfg, batch):
+    cfg = tiny_cfg(sequence={"candidate_attention": False, "recency_bias": False, "num_layers": 2})
+    out = build_model(cfg)(*batch.inputs())
+    assert all(torch.isfinite(v).all() for v in out.values())
+    no_seq = build_model(tiny_cfg(sequence={"enabled": False}))
+    assert no_seq.sequence is None
+    assert no_seq(*batch.inputs())["click"].shape == (64,)
+
+
+def test_param_groups(tiny_cfg):
+    model = build_model(tiny_cfg())
+    groups = param_groups(model, weight_decay=0.01, embedding_lr=0.05)
+    by_name = {g["name"]: g for g in groups}
+    ids = {n: {id(p) for p in g["params"]} for n, g in by_name.items()}
+    assert id(model.embeddings.table.weight) in ids["embeddings"]
+    assert by_name["embeddings"]["lr"] == 0.05 and by_name["embeddings"]["weight_decay"] == 0
+    assert id(model.sequence.norm.weight) in ids["no_decay"]
+    assert id(model.bottom[0].bias) in ids["no_decay"]
+    assert id(model.bottom[0].weight) in ids["decay"]
+    assert by_name["decay"]["weight_decay"] == 0.01
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len(list(model.parameters()))
+    assert not set.intersection(*ids.values())
+    torch.optim.AdamW(groups, lr=1e-3)  # accepted by a real optimizer
+    assert "lr" not in {g["name"]: g for g in param_groups(model, 0.0)}["embeddings"]
+
+
+def test_set_precision_only_touches_heavy_layers(tiny_cfg, batch):
+    model = set_precision(
+        build_model(tiny_cfg(backbones=["cross", "attention", "masknet"])), "bf16"
+    )
+    assert model.backbones[0].layers[0].weight.dtype == torch.bfloat16
+    assert model.sequence.stack.blocks[0].qkv.weight.dtype == torch.bfloat16
+    assert model.embeddings.table.weight.dtype == torch.float32
+    assert model.towers.towers[0][1].weight.dtype == torch.float32
+    out = model.eval()(*batch.inputs())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
+    with pytest.raises(ValueError, match="precision"):
+        set_precision(model, "int4")
+
+
+def test_fusion_and_expert_kinds_cover_config_literals():
+    from model.config import ExpertsConfig, ModelConfig
+
+    fusions = ModelConfig.model_fields["fusion"].annotation.__args__
+    kinds = ExpertsConfig.model_fields["kind"].annotation.__args__
+    tested = {(c[1], c[2]) for c in COMBOS}
+    assert {f for f, _ in tested} == set(fusions)
+    assert {k for _, k in tested} == set(kinds)
+    assert set(itertools.chain(*[c[0] for c in COMBOS])) == {"cross", "attention", "masknet"}
