@@ -29,6 +29,7 @@ from model.hashing import clip_vocab, hash_ids
 
 Columns = pa.Table | pa.RecordBatch | Mapping[str, Any]
 STATE_VERSION = 1
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- layout
@@ -169,15 +170,16 @@ class _Reader:
                 np.arange(b, dtype=np.int64) * m,
                 np.full(b, m, dtype=np.int64),
             )
-        rows = [() if v is None else v for v in col]
+        rows = list(col)
+        if any(v is None for v in rows):  # a null list is an empty list
+            rows = [_EMPTY if v is None else v for v in rows]
         self._check(name, len(rows))
-        lengths = np.fromiter((len(v) for v in rows), dtype=np.int64, count=len(rows))
-        total = int(lengths.sum())
-        values = (
-            np.concatenate([np.asarray(v, dtype=np.int64) for v in rows if len(v)])
-            if total
-            else np.zeros(0, dtype=np.int64)
-        )
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        if lengths.sum() == 0:
+            values = np.zeros(0, dtype=np.int64)
+        else:
+            # One C-level pass over all rows; "unsafe" only lets empty (float64) rows through.
+            values = np.concatenate(rows, dtype=np.int64, casting="unsafe")
         starts = np.zeros(len(rows), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
         return _Lists(values, starts, lengths)
