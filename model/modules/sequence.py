@@ -66,12 +66,13 @@ class SequenceEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.key = nn.Linear(dim, dim)
         self.candidate_attention = candidate_attention
-        self.query = nn.Linear(dim, dim)  # candidate embedding -> query
-        self.query_vec = nn.Parameter(torch.zeros(dim))  # query without a candidate
-        self.use_recency = recency_bias
-        self.recency = nn.Embedding(time_buckets, 1)
-        with torch.no_grad():  # prior: newer is more relevant; learning may overrule it
-            self.recency.weight.copy_(torch.linspace(0.0, -2.0, time_buckets).unsqueeze(-1))
+        # candidate embedding -> query; without candidate attention it sees zeros, so its bias
+        # is a learned candidate-free query (and no parameter is left unused under DDP).
+        self.query = nn.Linear(dim, dim)
+        self.recency = nn.Embedding(time_buckets, 1) if recency_bias else None
+        if self.recency is not None:
+            with torch.no_grad():  # prior: newer is more relevant; learning may overrule it
+                self.recency.weight.copy_(torch.linspace(0.0, -2.0, time_buckets).unsqueeze(-1))
 
     def forward(
         self,
@@ -81,7 +82,7 @@ class SequenceEncoder(nn.Module):
         mask: torch.Tensor,  # (B, L) bool, True = real event
         candidate: torch.Tensor,  # (B, D) candidate item embedding
     ) -> torch.Tensor:  # (B, D) user vector
-        b, length = mask.shape
+        length = mask.shape[1]
         bucket = self.time_buckets(gaps)  # (B, L)
         pos = torch.arange(length - 1, -1, -1, device=items.device)  # (L,) distance from newest
         x = items + self.event_emb(types) + self.time_emb(bucket) + self.pos_emb(pos)  # (B, L, D)
@@ -92,12 +93,11 @@ class SequenceEncoder(nn.Module):
         allowed = (mask.unsqueeze(1) | eye).unsqueeze(1)  # (B, 1, L, L)
         h = self.norm(self.stack(x, allowed))  # (B, L, D)
 
-        if self.candidate_attention:
-            q = self.query(candidate)  # (B, D)
-        else:
-            q = self.query_vec.expand(b, self.dim)
+        if not self.candidate_attention:
+            candidate = torch.zeros_like(candidate)
+        q = self.query(candidate)  # (B, D)
         scores = (self.key(h) * q.unsqueeze(1)).sum(-1) / math.sqrt(self.dim)  # (B, L)
-        if self.use_recency:
+        if self.recency is not None:
             scores = scores + self.recency(bucket).squeeze(-1)
         scores = scores.float().masked_fill(~mask, -1e4)
         w = torch.softmax(scores, dim=-1) * mask.float()  # (B, L), exactly 0 on padding

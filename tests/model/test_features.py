@@ -1,6 +1,7 @@
 """The feature path: hashing, bucketing, sequences, labels, stats, input formats."""
 
 import json
+import pickle
 import time
 
 import numpy as np
@@ -178,6 +179,7 @@ def test_fit_streams_and_round_trips_json(tiny_cfg, examples):
     np.testing.assert_allclose(one.std[0], price.std(ddof=1), rtol=1e-9)
     rel = examples.column("advertiser_reliability").to_numpy(zero_copy_only=False)
     np.testing.assert_allclose(one.mean[1], np.nanmean(rel), rtol=1e-6)
+    _assert_batches_equal(one(examples), pickle.loads(pickle.dumps(one))(examples))  # Ray ships it
     state = json.loads(json.dumps(one.state_dict()))
     back = FeatureProcessor.from_state_dict(ds, state)
     b1, b2 = one(examples), back(examples)
