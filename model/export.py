@@ -123,7 +123,7 @@ def export(
 class LoadedPredictor:
     """An exported model ready to serve: ``predict(columns) -> {task: np.ndarray}``."""
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
+    def __init__(self, path: str | Path, device: str = "cpu", cuda_graphs: bool = True):
         path = Path(path)
         missing = [f for f in (MODEL_FILE, PROCESSOR_FILE, CALIBRATORS_FILE, CONFIG_FILE)
                    if not (path / f).exists()]  # fmt: skip
@@ -138,13 +138,24 @@ class LoadedPredictor:
         self.module = torch.jit.load(str(path / MODEL_FILE), map_location=self.device).eval()
         self.shape_buckets = list(self.cfg.serve.shape_buckets)
         self.task_types = np.asarray(self.processor.layout.task_types, dtype=object)
+        # One captured graph per shape bucket, built on first use; None = plain module calls.
+        self.cuda_graphs_reason = (
+            cuda_graphs_unavailable_reason(self.device) if cuda_graphs else "disabled by caller"
+        )
+        self._graphs: dict[int, CudaGraphRunner] = {}
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """Uncalibrated outputs for a Batch, padded to its shape bucket and cut back."""
         n = len(batch)
-        padded = pad_batch(batch, shape_bucket(n, self.shape_buckets)).to(self.device)
+        size = shape_bucket(n, self.shape_buckets)
+        padded = pad_batch(batch, size).to(self.device)
         with torch.inference_mode():
-            out = self.module(*padded.inputs())
+            if self.cuda_graphs_reason is None:
+                if size not in self._graphs:
+                    self._graphs[size] = CudaGraphRunner(self.module, padded)
+                out = self._graphs[size](*padded.inputs())
+            else:
+                out = self.module(*padded.inputs())
         return {t: v[:n].float().cpu().numpy() for t, v in out.items()}
 
     def predict(self, columns: Columns, allow_unknown_task_type: bool = False):
@@ -163,8 +174,12 @@ class LoadedPredictor:
         return self.calibrators.apply(raw, names)
 
 
-def load_predictor(path: str | Path, device: str = "cpu") -> LoadedPredictor:
-    return LoadedPredictor(path, device)
+def load_predictor(
+    path: str | Path, device: str = "cpu", cuda_graphs: bool = True
+) -> LoadedPredictor:
+    """Load an exported directory. On a CUDA device, CUDA Graphs replay each shape bucket
+    (``cuda_graphs=False`` turns that off); elsewhere ``.cuda_graphs_reason`` says why not."""
+    return LoadedPredictor(path, device, cuda_graphs)
 
 
 # --------------------------------------------------------------------------- CUDA Graphs

@@ -99,6 +99,7 @@ def test_export_directory_is_self_contained(setup, tmp_path, examples):
 
     pred = load_predictor(out_dir)
     assert isinstance(pred, LoadedPredictor)
+    assert "CUDA Graphs skipped" in pred.cuda_graphs_reason  # CPU: plain module calls
     rows = examples.slice(1000, 37)  # not a shape bucket: padded to 64, cut back
     got = pred.predict(rows)
     b = proc(rows)
