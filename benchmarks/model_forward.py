@@ -71,18 +71,27 @@ def random_columns(cfg: UnirankConfig, n: int, seed: int = 0) -> dict:
     return cols
 
 
-def timed(fn, budget_s: float, min_iters: int = 2, max_iters: int = 200) -> float:
-    """Seconds per call: one warm-up call, then repeat until the time budget is spent."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_iters or (
-        time.perf_counter() - start < budget_s and len(times) < max_iters
-    ):
-        t = time.perf_counter()
+def timed(fns: dict, budget_s: float, min_rounds: int = 3, max_rounds: int = 200) -> dict:
+    """Median seconds per call of each function.
+
+    Calls alternate round-robin (one call of each per round) so a burst of load from another
+    process hits every variant alike and the ratios stay fair on a shared machine.
+    """
+    for fn in fns.values():  # warm-up (TorchScript profiling runs, allocator)
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        fn()
+    times: dict = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (
+        time.perf_counter() - start < budget_s * len(fns) and rounds < max_rounds
+    ):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+        rounds += 1
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -107,7 +116,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    budget = 0.3 if args.quick else 1.5
+    budget = 0.25 if args.quick else 1.0  # seconds per variant per measurement
     cfg = load_config(args.config)
     proc = FeatureProcessor(cfg.dataset)
     big = random_columns(cfg, max(BATCH_SIZES), seed=1)
@@ -116,10 +125,8 @@ def main() -> None:
     as_arrow = pa.Table.from_pydict(
         {k: pa.array(list(v)) if isinstance(v, list) else pa.array(v) for k, v in many.items()}
     )
-    proc_rate = {
-        "numpy_dict": round(20_000 / timed(lambda: proc(many), budget)),
-        "arrow": round(20_000 / timed(lambda: proc(as_arrow), budget)),
-    }
+    rates = timed({"numpy_dict": lambda: proc(many), "arrow": lambda: proc(as_arrow)}, budget)
+    proc_rate = {k: round(20_000 / v) for k, v in rates.items()}
 
     model = build_model(cfg).eval()
     eager = make_predictor(model, cfg, "fp32")
@@ -133,9 +140,11 @@ def main() -> None:
         for bs in BATCH_SIZES:
             batch = proc({k: v[:bs] for k, v in big.items()})
             inputs = batch.inputs()
-            row = {}
-            for name, fn in variants.items():
-                row[name] = bs / timed(lambda fn=fn, inputs=inputs: fn(*inputs), budget)
+            secs = timed(
+                {name: (lambda fn=fn, inputs=inputs: fn(*inputs)) for name, fn in variants.items()},
+                budget,
+            )
+            row = {name: bs / sec for name, sec in secs.items()}
             for name in ("torchscript_fp32", "torchscript_bf16"):
                 row[f"{name}_vs_eager"] = row[name] / row["eager_fp32"]
             throughput[str(bs)] = {k: round(v, 3 if "_vs_" in k else 1) for k, v in row.items()}
@@ -147,19 +156,19 @@ def main() -> None:
         inputs = batch.inputs()
         fields = model.fields(*inputs)
         flat = fields.flatten(1)
-        ms = lambda s: round(1e3 * s, 3)  # noqa: E731
-        pieces = {
-            "fields_embeddings_and_sequence_ms": ms(timed(lambda: model.fields(*inputs), budget)),
-            "bottom_ms": ms(timed(lambda: model.bottom(flat), budget)),
-            "full_ensemble_ms": ms(timed(lambda: model(*inputs), budget)),
+        fns = {
+            "fields_embeddings_and_sequence_ms": lambda: model.fields(*inputs),
+            "bottom_ms": lambda: model.bottom(flat),
+            "full_ensemble_ms": lambda: model(*inputs),
         }
         for name, bb in zip(model.backbone_names, model.backbones, strict=True):
-            pieces[f"backbone_{name}_module_ms"] = ms(timed(lambda bb=bb: bb(fields, flat), budget))
+            fns[f"backbone_{name}_module_ms"] = lambda bb=bb: bb(fields, flat)
         for name in ["cross", "attention", "masknet"]:
             alone_cfg = cfg.model_copy(deep=True)
             alone_cfg.model.backbones = [name]
             alone = build_model(alone_cfg).eval()
-            pieces[f"model_with_only_{name}_ms"] = ms(timed(lambda m=alone: m(*inputs), budget))
+            fns[f"model_with_only_{name}_ms"] = lambda m=alone: m(*inputs)
+        pieces = {k: round(1e3 * v, 3) for k, v in timed(fns, budget / 2).items()}
 
     print(
         json.dumps(
