@@ -6,7 +6,8 @@ truncation and padding live here once and travel with the exported model as JSON
 
 Inputs: a ``pyarrow.Table`` / ``RecordBatch``, or a dict of columns as numpy arrays (list
 columns as object arrays of arrays / lists, or lists of lists, or 2-D arrays) — what Ray
-Data's ``batch_format="numpy"`` and a JSON request produce. Both give identical Batches.
+Data's ``batch_format="numpy"`` and a JSON request produce — or a pandas DataFrame. All give
+identical Batches.
 
 Everything is vectorized: list columns become (flat values, starts, lengths) and are gathered
 into fixed-width matrices with one fancy-indexing step.
@@ -116,9 +117,13 @@ class _Reader:
         elif isinstance(columns, Mapping):
             self.cols = columns
             self.n = len(next(iter(columns.values()))) if columns else 0
+        elif hasattr(columns, "columns") and hasattr(columns, "to_numpy"):  # pandas DataFrame
+            self.cols = {str(c): columns[c].to_numpy() for c in columns.columns}
+            self.n = len(columns)
         else:
             raise TypeError(
-                f"FeatureProcessor: expected a pyarrow Table/RecordBatch or a dict of columns, "
+                f"FeatureProcessor: expected a pyarrow Table/RecordBatch, a dict of columns or "
+                f"a pandas DataFrame, "
                 f"got {type(columns).__name__}"
             )
 

@@ -162,6 +162,8 @@ def test_numpy_dict_and_arrow_give_identical_batches(tiny_cfg, examples):
     json_like = {k: [r[k] for r in rows] for k in t.column_names}
     json_like["event_time"] = [r["event_time"].isoformat() for r in rows]
     _assert_batches_equal(from_arrow, proc(json_like))
+    # Ray Data batch_format="pandas"
+    _assert_batches_equal(from_arrow, proc(t.to_pandas()))
     # A sliced, multi-chunk arrow table
     chunked = pa.concat_tables([examples.slice(10, 100), examples.slice(110, 200)])
     _assert_batches_equal(from_arrow, proc(chunked))
