@@ -9,6 +9,8 @@ candidate-aware sequence attention can.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -182,15 +184,25 @@ def tiny_config(**model: object) -> UnirankConfig:
     return UnirankConfig(dataset=tiny_dataset_config(), model=ModelConfig(**base))
 
 
-# One intra-op thread: the suite's tensors are tiny, and on a shared 2-core machine a second
-# spinning thread costs far more than it gains.
-torch.set_num_threads(1)
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread: the suite's tensors are tiny, and on a shared 2-core machine a
+    second spinning thread costs far more than it gains. Restored afterwards, so tests of
+    other packages in the same session keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
     torch.manual_seed(0)
     np.random.seed(0)
+    with one_thread():
+        yield
 
 
 def train(
@@ -252,5 +264,6 @@ def trained():
     """One small trained model shared by the training / recency / calibration tests."""
     cfg = tiny_config()
     table = make_examples(8000, seed=2)
-    model, proc, losses = train(cfg, table)
+    with one_thread():
+        model, proc, losses = train(cfg, table)
     return cfg, model, proc, losses
