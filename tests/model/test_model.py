@@ -187,3 +187,18 @@ def test_fusion_and_expert_kinds_cover_config_literals():
     assert {f for f, _ in tested} == set(fusions)
     assert {k for _, k in tested} == set(kinds)
     assert set(itertools.chain(*[c[0] for c in COMBOS])) == {"cross", "attention", "masknet"}
+
+
+@pytest.mark.parametrize(("backbones", "fusion", "experts", "low_rank"), [COMBOS[2], COMBOS[4]])
+def test_other_variants_script(tiny_cfg, batch, backbones, fusion, experts, low_rank):
+    cfg = tiny_cfg(
+        backbones=backbones,
+        fusion=fusion,
+        experts={"kind": experts},
+        cross={"low_rank": low_rank},
+    )
+    model = build_model(cfg).eval()
+    eager = model(*batch.inputs())
+    scripted = torch.jit.script(model)(*batch.inputs())
+    for k in eager:
+        torch.testing.assert_close(scripted[k], eager[k], rtol=0, atol=1e-5)
