@@ -199,7 +199,8 @@ class _Reader:
             lengths = np.full(len(arr), m, dtype=np.int64)
             if arr.null_count:
                 lengths[arr.is_null().to_numpy(zero_copy_only=False)] = 0
-                flat = _refill(flat, len(arr), m, lengths)
+                if len(flat) != len(arr) * m:  # flatten() skipped the null rows
+                    flat = _refill(flat, len(arr), m, lengths)
             return _Lists(flat, starts, lengths)
         if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
             raise TypeError(f"column {name!r} has type {t}, expected list<int64>")
@@ -241,8 +242,11 @@ class _Reader:
             if a.dtype.kind == "M":
                 sec = a.astype("datetime64[s]")
                 out = np.where(np.isnat(sec), null, sec.astype(np.int64))
-            elif a.dtype.kind in "iuf":
-                out = np.nan_to_num(a.astype(np.float64), nan=null).astype(np.int64)
+            elif a.dtype.kind in "iu":
+                out = a.astype(np.int64)
+            elif a.dtype.kind == "f" or (a.dtype == object and _all_numbers(a)):
+                f = np.array([np.nan if v is None else v for v in a], dtype=np.float64)
+                out = np.where(np.isnan(f), null, np.nan_to_num(f)).astype(np.int64)
             else:  # strings / datetime objects from a JSON request
                 import pandas as pd
 
@@ -251,6 +255,10 @@ class _Reader:
                 out = np.where(np.isnat(sec), null, sec.astype(np.int64))
         self._check(name, len(out))
         return np.asarray(out, dtype=np.int64)
+
+
+def _all_numbers(a: np.ndarray) -> bool:
+    return all(v is None or isinstance(v, (int, float, np.number)) for v in a)
 
 
 def _refill(flat: np.ndarray, n: int, m: int, lengths: np.ndarray) -> np.ndarray:

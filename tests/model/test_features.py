@@ -246,3 +246,26 @@ def test_processor_throughput_default_spec(make_table):
     proc(t)
     rate = t.num_rows / (time.perf_counter() - start)
     assert rate > 20_000, f"{rate:.0f} rows/s"
+
+
+def test_odd_inputs_nulls_and_fixed_size_lists(tiny_cfg):
+    proc = FeatureProcessor(tiny_cfg().dataset)
+    # JSON: int event_time with a null -> gaps measured from that row's newest event
+    b = proc(
+        {
+            "event_time": [1000, None],
+            "seq_item_ids": [[1, 2], [3, 4]],
+            "seq_timestamps": [[900, 990], [100, 160]],
+        }
+    )
+    assert b.seq_gaps[:, -2:].tolist() == [[100.0, 10.0], [60.0, 0.0]]
+    # arrow fixed_size_list with a null row; null list in a JSON column
+    fixed = pa.array([[1, 2], None, [3, 4]], type=pa.list_(pa.int64(), 2))
+    a = proc(pa.table({"seq_item_ids": fixed}))
+    assert a.seq_mask[:, -2:].tolist() == [[True, True], [False, False], [True, True]]
+    j = proc({"seq_item_ids": [[1, 2], None, [3, 4]]})
+    assert torch.equal(a.seq_items, j.seq_items)
+    with pytest.raises(ValueError, match="rows"):
+        proc({"user_id": np.arange(3), "item_id": np.arange(4)})
+    with pytest.raises(TypeError, match="expected"):
+        proc([1, 2, 3])
