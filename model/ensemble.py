@@ -160,8 +160,12 @@ def num_fields(layout: FeatureLayout, sequence_on: bool) -> int:
     )
 
 
-def build_model(cfg: UnirankConfig) -> UnirankModel:
-    """Map the resolved config to modules. Always fp32; see set_precision for serving."""
+def build_model(cfg: UnirankConfig, sparse_embeddings: bool = False) -> UnirankModel:
+    """Map the resolved config to modules. Always fp32; see set_precision for serving.
+
+    ``sparse_embeddings`` makes the big fused id table produce sparse gradients (the training
+    job then steps param_groups' "embeddings" group with SparseAdam, the rest with Adam).
+    """
     m, lay = cfg.model, feature_layout(cfg.dataset)
     d = m.embedding_dim
     embeddings = FusedEmbeddings(
@@ -171,6 +175,7 @@ def build_model(cfg: UnirankConfig) -> UnirankModel:
         [lay.table_of[n] for n in lay.multi_names],
         lay.seq_table,
         d,
+        sparse=sparse_embeddings,
     )
     sequence_on = m.sequence.enabled and lay.seq_len > 0
     sequence = None

@@ -202,3 +202,22 @@ def test_other_variants_script(tiny_cfg, batch, backbones, fusion, experts, low_
     scripted = torch.jit.script(model)(*batch.inputs())
     for k in eager:
         torch.testing.assert_close(scripted[k], eager[k], rtol=0, atol=1e-5)
+
+
+def test_sparse_embeddings_train_with_sparse_adam(tiny_cfg, batch):
+    cfg = tiny_cfg()
+    model = build_model(cfg, sparse_embeddings=True)
+    groups = {g["name"]: g for g in param_groups(model, 1e-5)}
+    table = model.embeddings.table.weight
+    dense_params = groups["decay"]["params"] + groups["no_decay"]["params"]
+    dense_params += [p for p in groups["embeddings"]["params"] if p is not table]
+    opt_sparse = torch.optim.SparseAdam([table], lr=1e-2)
+    opt_dense = torch.optim.Adam(dense_params, lr=1e-2)
+    before = table.detach().clone()
+    loss, _ = MultiTaskLoss.from_config(cfg)(model(*batch.inputs()), batch)
+    loss.backward()
+    assert table.grad.is_sparse
+    opt_sparse.step()
+    opt_dense.step()
+    changed = (table.detach() != before).any(1)
+    assert 0 < changed.sum() < table.shape[0] // 4  # only looked-up rows moved
