@@ -217,6 +217,9 @@ class GenerateConfig(_Strict):
     )
     start_time: str = "2026-01-01T00:00:00"
     days: int = Field(default=14, gt=0)
+    # Logs are exported this many hours after the last impression: later events are not yet
+    # observed (their conversions are still to come). Re-export later to see them.
+    observe_hours_after_end: float = Field(default=0.0, ge=0)
     max_seq_len: int = Field(default=32, gt=0)
     latent_dim: int = Field(default=8, gt=0)
     interest_drift: float = Field(default=1.0, ge=0)
@@ -274,6 +277,8 @@ class PrepareConfig(_Strict):
     sparse_tasks: list[str] = Field(default_factory=lambda: ["add_to_cart", "checkout"])
     task_type_mix: dict[str, float] | None = None
     max_bad_fraction: float = Field(default=0.05, ge=0, le=1)
+    # Rows older than this are impossible for these logs (quarantined as timestamp_too_old).
+    min_event_time: str = "1995-01-01T00:00:00"
     validation_days: float = Field(default=2.0, ge=0)
     test_days: float = Field(default=2.0, ge=0)
     seed: int = 13

@@ -93,7 +93,7 @@ class World:
         is_ad[0] = False
         item_advertiser[is_ad] = rng.integers(1, na + 1, size=int(is_ad.sum()))
         ad_items = np.flatnonzero(is_ad)
-        adv_cvr_logit = rng.normal(-1.8, 0.6, size=na + 1)
+        adv_cvr_logit = rng.normal(-3.0, 0.5, size=na + 1)
         n_noisy = int(round(cfg.noisy_advertiser_fraction * na))
         adv_noisy = np.zeros(na + 1, dtype=bool)
         if n_noisy:
@@ -284,13 +284,15 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
         bad = rng.beta(2, 6, size=size)
         return np.where(rng.random(size) < 0.9, good, bad)
 
-    # Noisy advertisers fabricate conversions on clicked impressions that did not convert.
+    # Noisy advertisers fabricate conversions on clicked impressions that did not convert, at
+    # (inflation - 1) times their true rate, and at least at that multiple of a typical rate, so
+    # that an advertiser with a tiny true rate still reports an inflated one.
     noisy = is_ads & world.adv_noisy[advertiser]
     extra = cfg.noisy_inflation - 1.0
-    fake_atc = noisy & click & ~atc & (rng.random(n) < np.clip(extra * p_atc_c, 0, 0.95))
-    fake_co = (
-        noisy & click & ~checkout & (rng.random(n) < np.clip(extra * p_atc_c * p_co_a, 0, 0.95))
-    )
+    typical_atc = 0.08
+    fake_rate = np.clip(extra * np.maximum(p_atc_c, typical_atc), 0, 0.95)
+    fake_atc = noisy & click & ~atc & (rng.random(n) < fake_rate)
+    fake_co = noisy & click & ~checkout & (rng.random(n) < np.clip(fake_rate * p_co_a, 0, 0.95))
 
     ev_parts = []
 
@@ -306,7 +308,11 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
                 "event_type": np.full(len(idx), etype, dtype=object),
                 "event_time": when[idx],
                 "advertiser_id": advertiser[idx],
-                "match_confidence": np.ones(len(idx)) if conf == 1.0 else confidence(len(idx)),
+                "match_confidence": np.ones(len(idx))
+                if conf == 1.0
+                else confidence(len(idx))
+                if conf is not None
+                else rng.beta(4, 4, size=len(idx)),  # fabricated: hard to match to a user
             }
         )
 
@@ -319,6 +325,11 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
     ev = {k: np.concatenate([p[k] for p in ev_parts]) for k in ev_parts[0]}
     dup = rng.random(len(ev["event_id"])) < cfg.duplicate_event_rate
     ev = {k: np.concatenate([v, v[dup]]) for k, v in ev.items()}
+    # Drawn before filtering, so a later export sees the same events plus the newer ones.
+    seen = ev["event_time"] <= world.start + cfg.days * DAY + int(
+        cfg.observe_hours_after_end * HOUR
+    )
+    ev = {k: v[seen] for k, v in ev.items()}
     order = np.lexsort((ev["event_id"], ev["event_time"]))
     ev = {k: v[order] for k, v in ev.items()}
 

@@ -32,6 +32,7 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
             "ray_jobs.demo",
             "configs/smoke.yaml",
             f"generate.output={out}",
+            f"prepare.output={tmp_path / 'prepared'}",
             "generate.num_impressions=6000",
         ],
         cwd=REPO,
@@ -45,6 +46,9 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     for tt in ("ads", "notifications", "related_items", "search", "category"):
         assert re.search(rf"^{tt}\s+\d+\s+.*click=0\.\d+", proc.stdout, re.M), tt
     assert (out / "summary.json").exists()
+    assert "prepare: 6000 rows in" in proc.stdout
+    assert (tmp_path / "prepared" / "reports" / "summary.json").exists()
+    assert list((tmp_path / "prepared" / "train").rglob("*.parquet"))
 
 
 def test_bad_override_fails_fast_naming_the_field():
