@@ -47,6 +47,7 @@ log = logging.getLogger("unirank.prepare")
 SPLITS = ("train", "validation", "test")
 ADS = {"ads"}
 TASKS = ("click", "add_to_cart", "checkout", "engage")
+ROWS_PER_PARTITION = 50_000  # impressions per hash partition of the events/impressions join
 
 
 class PrepareError(RuntimeError):
@@ -255,7 +256,6 @@ def prepare(cfg: UnirankConfig) -> dict:
     t_start = time.perf_counter()
     out = resolve(p.output, storage)
     inp = p.input.rstrip("/")
-    nparts = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
 
     events = read_parquet(f"{inp}/events", storage).map_batches(
         _events_seconds, batch_format="pyarrow"
@@ -294,6 +294,10 @@ def prepare(cfg: UnirankConfig) -> dict:
         )
 
     # ---- events -> one row per impression (duplicates counted once), joined to impressions
+    # Shuffle partitions grow with the input, so each join partition stays about the same size
+    # and memory per worker does not grow with the data.
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    nparts = max(2 * cpus, -(-rows_in // ROWS_PER_PARTITION))
     # Events after the cut-off are not visible "as of" the cut-off.
     events = events.filter(expr=col("event_time_s") <= cutoff)
     per_imp = events.repartition(nparts, keys=["impression_id"]).map_batches(
