@@ -368,6 +368,18 @@ class TrainConfig(_Strict):
     seed: int = 17
 
 
+class EvaluateConfig(_Strict):
+    """Offline evaluation (ray_jobs.evaluate) and the champion rule (ray_jobs.export)."""
+
+    split: Literal["test", "validation"] = "test"
+    calibration: Literal["isotonic", "platt", "none"] = "isotonic"
+    per_task_type_calibration: bool = True
+    bootstrap: int = Field(default=200, ge=0)
+    baseline_tasks: list[str] | None = None  # None: every task gets a single-task baseline
+    output: str | None = None  # default: <train.storage_path>/<train.run_name>/eval
+    seed: int = 23
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str = "sqlite:///out/mlflow.db"
     experiment: str = "unirank"
@@ -444,6 +456,7 @@ class UnirankConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     use_cases: list[UseCaseConfig] = Field(default_factory=list)
