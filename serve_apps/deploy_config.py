@@ -96,6 +96,12 @@ def _deployments(uc: UseCaseConfig) -> list[dict[str, Any]]:
     return [ingress, ranker]
 
 
+def deployment_options(uc: UseCaseConfig) -> dict[str, dict[str, Any]]:
+    """Deployment name -> its options (``Deployment.options(**...)``), the same numbers the
+    Serve config carries, so ``serve.run(build_app(args))`` and ``serve deploy`` agree."""
+    return {d["name"]: d for d in _deployments(uc)}
+
+
 def build_serve_config(
     cfg: UnirankConfig,
     use_cases: list[UseCaseConfig],
@@ -103,12 +109,15 @@ def build_serve_config(
     host: str = "127.0.0.1",
     model_uri: str | None = None,
     config_path: str | None = None,
+    retrieval_index: str | None = None,
 ) -> dict[str, Any]:
     """The `serve deploy` multi-application config (a plain dict, ServeDeploySchema-valid).
 
     ``model_uri`` defaults to ``cfg.serve.model_uri``. With ``config_path`` the applications
     read the resolved config from that file (the RayService mounts it from a ConfigMap);
     without it the resolved config travels inline in the application args.
+    ``retrieval_index`` overrides where the apps load the candidate indices from (default:
+    ``retrieval.npz`` in the exported model directory).
     """
     if not use_cases:
         raise ConfigError("build_serve_config: no use-cases given")
@@ -121,6 +130,8 @@ def build_serve_config(
             "model_uri": uri,
             "request_timeout_s": uc.request_timeout_s,
         }
+        if retrieval_index is not None:
+            args["retrieval_index"] = retrieval_index
         if config_path is not None:
             args["config_path"] = config_path
         else:

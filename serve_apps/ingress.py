@@ -1,0 +1,460 @@
+"""One use-case's HTTP ingress: validation, feature store, cache, retrieval, rules, fallback.
+
+Routes (under the use-case's route prefix, e.g. ``/ads``):
+
+    POST /rank      rank candidates for a user            -> RankResponse
+    POST /events    append a user's event to the store     -> EventAck
+    GET  /healthz   liveness + model, store, index status
+    GET  /version   the served model (URI, digest, manifest, device)
+    GET  /docs, /openapi.json
+
+A request flows: validate (4xx JSON naming the field) -> the user's recent events (feature
+store, truncated to the model's sequence length) -> result cache (TTL per use-case) ->
+candidates (request or retrieval) -> pre rules -> Ranker (deadline = the use-case's
+request_timeout_s) -> post rules + top_k. A ranker error or a missed deadline is answered by
+the fallback policy (``fallback`` field set, counted in ``unirank_fallbacks``).
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_apps.deploy_config import INGRESS_DEPLOYMENT
+from serve_apps.feature_store import Events, make_store, now_s
+from serve_apps.metrics import ServingMetrics
+from serve_apps.retrieval import RetrievalIndex
+from serve_apps.rows import CANDIDATE_COLUMNS, RankInput
+from serve_apps.rules import RuleContext, Slate, load_rules, sort_by_score, with_scores
+from serve_apps.schemas import (
+    ErrorBody,
+    Event,
+    EventAck,
+    Fallback,
+    RankRequest,
+    RankResponse,
+    ScoredItem,
+)
+from serve_apps.settings import AppSettings
+
+logger = logging.getLogger("ray.serve")
+BYTES_PER_CANDIDATE = 256  # generous JSON size of one candidate object
+BASE_BODY_BYTES = 64 * 1024
+CACHE_MAX_ENTRIES = 10_000
+STORE_TIMEOUT_S = 0.5
+
+api = FastAPI(
+    title="unirank ranking API",
+    description="One multi-task ranking model; one application per use-case.",
+    version="1",
+)
+
+
+class RequestError(Exception):
+    """A 4xx answer naming the offending field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def error_response(status: int, message: str, fields: list[dict], request_id: str | None = None):
+    body = ErrorBody(error=message, fields=fields, request_id=request_id)
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+_REPLICA_METRICS: list[ServingMetrics] = []  # this replica's, for the module-level handler
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    for m in _REPLICA_METRICS:
+        m.inc("unirank_errors", kind="validation")
+        m.inc("unirank_requests", status="422")
+    fields = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        fields.append({"field": ".".join(loc) or "body", "message": e.get("msg", "invalid")})
+    return error_response(422, "invalid request", fields)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError):
+    fields = [{"field": exc.field, "message": exc.message}] if exc.field else []
+    return error_response(exc.status, exc.message, fields)
+
+
+class ResultCache:
+    """A small TTL cache of ranking responses (one per ingress replica)."""
+
+    def __init__(self, ttl_s: float, max_entries: int = CACHE_MAX_ENTRIES):
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._d: OrderedDict[str, tuple[float, dict]] = OrderedDict()
+
+    def get(self, key: str) -> dict | None:
+        hit = self._d.get(key)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._d[key]
+            return None
+        return hit[1]
+
+    def put(self, key: str, value: dict) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._d[key] = (time.monotonic() + self.ttl_s, value)
+        self._d.move_to_end(key)
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+
+def cache_key(req: RankRequest, events: Events) -> str:
+    """The request minus its id, plus the user's newest event (new events bust the cache)."""
+    body = req.model_dump(exclude={"request_id"})
+    text = json.dumps([body, len(events), events.last_ts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _unique(ids: np.ndarray) -> np.ndarray:
+    """Drop repeated ids, keeping the first occurrence and the order."""
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
+
+
+async def _await(response):
+    return await response
+
+
+class _RankerFailed(Exception):
+    pass
+
+
+class _Unavailable(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _items(slate: Slate) -> list[ScoredItem]:
+    out = []
+    for i in range(len(slate)):
+        probs = None
+        if slate.probs is not None:
+            probs = {k: float(v[i]) for k, v in slate.probs.items()}
+        out.append(
+            ScoredItem(
+                item_id=int(slate.item_id[i]),
+                score=None if slate.score is None else float(slate.score[i]),
+                probs=probs,
+                category_id=int(slate.category_id[i]),
+                advertiser_id=int(slate.advertiser_id[i]),
+            )
+        )
+    return out
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class UseCaseIngress:
+    def __init__(self, ranker: DeploymentHandle, args: dict):
+        s = AppSettings.from_args(args)
+        self.settings = s
+        self.uc = uc = s.use_case
+        self.ranker = ranker
+        self.rules = load_rules(uc)
+        self.metrics = ServingMetrics(uc.name)
+        _REPLICA_METRICS[:] = [self.metrics]
+        seq = s.cfg.dataset.features.sequence
+        self.max_seq_len = seq.max_len if seq is not None else 0
+        self.store = make_store(s.cfg.serve, keep=max(4 * self.max_seq_len, 64))
+        self.cache = ResultCache(uc.cache_ttl_s)
+        self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
+        self.index = self._load_index(s)
+        self.known_task_types = set(s.cfg.dataset.task_types)
+        self._version: dict | None = None
+
+    @staticmethod
+    def _load_index(s: AppSettings) -> RetrievalIndex | None:
+        from serve_apps.model_store import resolve_model_dir
+        from serve_apps.retrieval import INDEX_FILE, RetrievalError
+
+        path = s.retrieval_index
+        if path is None:
+            path = str(resolve_model_dir(s.model_uri, s.cfg) / INDEX_FILE)
+        try:
+            return RetrievalIndex.load(path)
+        except RetrievalError:
+            if s.use_case.retrieval != "request" or s.use_case.fallback == "popularity":
+                raise
+            return None  # request-supplied candidates, no fallback: the index is optional
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        try:
+            store_ok = await asyncio.wait_for(self.store.ping(), STORE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - health reports, never raises
+            store_ok = False
+        return {
+            "status": "ok",
+            "use_case": self.uc.name,
+            "feature_store": {"backend": self.store.backend, "ok": store_ok},
+            "retrieval_items": len(self.index) if self.index is not None else 0,
+            "rules": self.rules.names,
+        }
+
+    @api.get("/version")
+    async def version(self) -> dict:
+        if self._version is None:
+            self._version = await self.ranker.version.remote()
+        return {"use_case": self.uc.name, **self._version}
+
+    @api.post("/events", response_model=EventAck, responses={422: {"model": ErrorBody}})
+    async def events(self, event: Event, request: Request) -> EventAck:
+        self._check_size(request)
+        ts = event.timestamp if event.timestamp is not None else now_s()
+        n = await asyncio.wait_for(
+            self.store.append(event.user_id, event.item_id, event.event_type, ts),
+            STORE_TIMEOUT_S,
+        )
+        return EventAck(user_id=event.user_id, stored_events=n)
+
+    @api.post(
+        "/rank",
+        response_model=RankResponse,
+        responses={
+            413: {"model": ErrorBody},
+            422: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
+    async def rank(self, req: RankRequest, request: Request):
+        t0 = time.perf_counter()
+        rid = req.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+        status = 200
+        try:
+            self._check_size(request)
+            resp = await self._rank(req, rid)
+            return resp
+        except RequestError as exc:
+            status = exc.status
+            self.metrics.inc("unirank_errors", kind="validation")
+            fields = [{"field": exc.field, "message": exc.message}] if exc.field else []
+            return error_response(exc.status, exc.message, fields, rid)
+        except _Unavailable as exc:
+            status = 503
+            self.metrics.inc("unirank_errors", kind=exc.reason)
+            return error_response(503, f"ranker unavailable ({exc.reason}), no fallback", [], rid)
+        except Exception as exc:  # noqa: BLE001 - a 500 with a JSON body, logged, counted
+            status = 500
+            self.metrics.inc("unirank_errors", kind="internal")
+            logger.exception("task_type=%s request_id=%s internal error", self.uc.name, rid)
+            return error_response(500, f"internal error: {type(exc).__name__}", [], rid)
+        finally:
+            ms = (time.perf_counter() - t0) * 1e3
+            self.metrics.inc("unirank_requests", status=str(status))
+            self.metrics.observe("unirank_request_latency_ms", ms)
+            logger.info(
+                "task_type=%s request_id=%s status=%d latency_ms=%.1f",
+                self.uc.name,
+                rid,
+                status,
+                ms,
+            )
+
+    # ------------------------------------------------------------------ the request path
+
+    def _check_size(self, request: Request) -> None:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body:
+            raise RequestError(413, f"body is {size} bytes, limit {self.max_body}", "body")
+
+    def _validate(self, req: RankRequest) -> None:
+        uc = self.uc
+        if req.task_type is not None and req.task_type != uc.name:
+            known = sorted(self.known_task_types)
+            what = (
+                "unknown task_type"
+                if req.task_type not in self.known_task_types
+                else ("wrong endpoint for task_type")
+            )
+            raise RequestError(
+                422,
+                f"{what} {req.task_type!r}: this endpoint serves {uc.name!r} (model knows {known})",
+                "task_type",
+            )
+        if req.candidates is not None and len(req.candidates) > uc.max_candidates:
+            raise RequestError(
+                422,
+                f"{len(req.candidates)} candidates, at most {uc.max_candidates} for {uc.name}",
+                "candidates",
+            )
+        if req.candidates is None:
+            need = {
+                "request": ("candidates", None),
+                "popular_by_category": ("category_id", req.category_id),
+                "co_occurrence": ("source_item_id", req.source_item_id),
+                "inverted_index": ("query_tokens", req.query_tokens),
+            }.get(uc.retrieval)
+            if need is not None and not need[1]:
+                raise RequestError(
+                    422, f"{need[0]} is required by the {uc.retrieval} retrieval", need[0]
+                )
+
+    async def _user_events(self, user_id: int) -> Events:
+        try:
+            return await asyncio.wait_for(
+                self.store.recent(user_id, self.max_seq_len), STORE_TIMEOUT_S
+            )
+        except Exception:  # noqa: BLE001 - rank without history rather than fail
+            self.metrics.inc("unirank_errors", kind="feature_store")
+            logger.warning("task_type=%s feature store read failed", self.uc.name)
+            return Events.empty()
+
+    def _retrieve(self, req: RankRequest) -> np.ndarray:
+        uc, limit, idx = self.uc, self.uc.max_candidates, self.index
+        if req.candidates is not None:
+            return np.asarray([c.item_id for c in req.candidates], dtype=np.int64)
+        assert idx is not None
+        if uc.retrieval == "popular_by_category":
+            return idx.popular_in_category(int(req.category_id), limit)
+        if uc.retrieval == "co_occurrence":
+            return idx.neighbours(int(req.source_item_id), limit)
+        if uc.retrieval == "inverted_index":
+            return idx.search(req.query_tokens or [], limit)
+        if uc.retrieval == "eligible_ads":
+            return idx.eligible_ads(req.campaign_ids, limit)
+        raise RequestError(422, "candidates are required", "candidates")
+
+    def _candidate_features(self, req: RankRequest, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Catalogue features, overridden by what the request supplies."""
+        if self.index is not None:
+            feats = self.index.features(ids)
+        else:
+            n = len(ids)
+            feats = {k: np.zeros(n, np.int64) for k in CANDIDATE_COLUMNS[1:4]}
+            feats["price"] = np.full(n, np.nan, np.float32)
+            feats["advertiser_reliability"] = np.full(n, np.nan, np.float32)
+            feats["popularity"] = np.zeros(n, np.float32)
+        feats["item_id"] = ids
+        if req.candidates is not None:
+            first: dict[int, Any] = {}
+            for c in req.candidates:
+                first.setdefault(c.item_id, c)
+            for name in CANDIDATE_COLUMNS[1:]:
+                given = [getattr(first[int(x)], name) for x in ids]
+                if any(v is not None for v in given):
+                    col = feats[name].copy()
+                    for i, v in enumerate(given):
+                        if v is not None:
+                            col[i] = v
+                    feats[name] = col
+        return feats
+
+    async def _rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
+        uc = self.uc
+        self._validate(req)
+        events = await self._user_events(req.user_id)
+        key = cache_key(req, events)
+        if uc.cache_ttl_s > 0:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.metrics.inc("unirank_cache_hits")
+                return {**hit, "request_id": rid, "cached": True}
+            self.metrics.inc("unirank_cache_misses")
+
+        ids = _unique(self._retrieve(req))[: uc.max_candidates]
+        feats = self._candidate_features(req, ids)
+        ctx = RuleContext(
+            use_case=uc,
+            seen_item_ids=frozenset(int(x) for x in events.item_ids),
+            blocked_item_ids=self.settings.blocked_item_ids | frozenset(req.exclude_item_ids),
+            top_k=min(req.top_k or uc.top_k, uc.top_k),
+        )
+        slate = Slate(ids, feats["category_id"], feats["advertiser_id"])
+        slate = self.rules.apply_pre(ctx, slate)
+        where = {int(x): i for i, x in enumerate(ids)}
+        rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
+        feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
+
+        fallback = None
+        if len(slate):
+            now = now_s()
+            inp = RankInput(
+                task_type=uc.name,
+                now=now,
+                user_id=req.user_id,
+                candidates={k: feats[k] for k in CANDIDATE_COLUMNS},
+                events=events,
+                source_item_id=req.source_item_id or 0,
+                query_tokens=np.asarray(req.query_tokens or [], dtype=np.int64),
+                device=req.context.device,
+                hour=req.context.hour if req.context.hour is not None else (now % 86400) // 3600,
+                surface=req.context.surface,
+            )
+            try:
+                out = await self._call_ranker(inp)
+                probs = {k: v for k, v in out.items() if k != "__score__"}
+                slate = sort_by_score(with_scores(slate, out["__score__"], probs))
+            except (TimeoutError, _RankerFailed) as exc:
+                reason = "timeout" if isinstance(exc, TimeoutError) else "model_error"
+                if uc.fallback == "none":
+                    raise _Unavailable(reason) from None
+                fallback = Fallback(policy=uc.fallback, reason=reason)
+                self.metrics.inc("unirank_fallbacks", reason=reason)
+                self.metrics.inc("unirank_errors", kind=reason)
+                logger.warning(
+                    "task_type=%s request_id=%s fallback=%s reason=%s",
+                    uc.name,
+                    rid,
+                    uc.fallback,
+                    reason,
+                )
+                order = np.argsort(-feats["popularity"], kind="stable")
+                slate = slate.take(order)
+        num_candidates = len(slate)
+        slate = self.rules.apply_post(ctx, slate)
+        if fallback is None and slate.score is not None:
+            self.metrics.observe_many("unirank_scores", slate.score)
+        self.metrics.observe("unirank_candidates", num_candidates)
+        resp = RankResponse(
+            request_id=rid,
+            use_case=uc.name,
+            model_version=(self._version or {}).get("sha256", "") or await self._digest(),
+            items=_items(slate),
+            num_candidates=num_candidates,
+            fallback=fallback,
+        ).model_dump()
+        if fallback is None:
+            self.cache.put(key, resp)
+        return resp
+
+    async def _digest(self) -> str:
+        try:
+            return (await self.version())["sha256"]
+        except Exception:  # noqa: BLE001 - the version is informative only
+            return ""
+
+    async def _call_ranker(self, inp: RankInput) -> dict[str, np.ndarray]:
+        response = self.ranker.rank.remote(inp)
+        try:
+            return await asyncio.wait_for(_await(response), self.settings.request_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any ranker failure means fallback
+            logger.warning("task_type=%s ranker failed: %s", self.uc.name, exc)
+            raise _RankerFailed(str(exc)) from exc

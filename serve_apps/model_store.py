@@ -1,0 +1,59 @@
+"""``serve.model_uri`` -> a local exported directory (model.export format).
+
+- a local path (or ``file://`` path) to an exported directory: used as is;
+- ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the MLflow model registry,
+  resolved and downloaded by ``model.registry`` (imported lazily, so a local path never
+  needs MLflow and a tree without the registry module still serves local exports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+from model.config import ConfigError, UnirankConfig
+from model.export import MANIFEST_FILE, MODEL_FILE
+
+# Names model.registry may give its "registry URI -> local export directory" function.
+_RESOLVERS = ("resolve_model_uri", "download_model", "resolve")
+
+
+def is_registry_uri(uri: str) -> bool:
+    return uri.startswith("models:/")
+
+
+def resolve_model_dir(uri: str | None, cfg: UnirankConfig) -> Path:
+    """The local exported directory behind ``uri``; errors name the URI and what is wrong."""
+    if not uri:
+        raise ConfigError("serve.model_uri is not set: give an exported directory or models:/...")
+    if is_registry_uri(uri):
+        try:
+            registry = importlib.import_module("model.registry")
+        except ImportError as exc:
+            raise ConfigError(
+                f"serve.model_uri {uri!r}: registry URIs need model.registry ({exc}); "
+                f"pass an exported model directory instead"
+            ) from None
+        fn = next((getattr(registry, n) for n in _RESOLVERS if hasattr(registry, n)), None)
+        if fn is None:
+            raise ConfigError(
+                f"serve.model_uri {uri!r}: model.registry has none of {list(_RESOLVERS)}"
+            )
+        path = Path(fn(uri, cfg))
+    else:
+        path = Path(uri.removeprefix("file://"))
+    if not (path / MANIFEST_FILE).is_file():
+        raise ConfigError(
+            f"serve.model_uri {uri!r}: {path} is not an exported model directory "
+            f"(no {MANIFEST_FILE}; see model.export.export)"
+        )
+    return path
+
+
+def model_version(path: Path, uri: str) -> dict:
+    """What /version reports: URI, local path, manifest, a digest of the TorchScript file."""
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    digest = hashlib.sha256((path / MODEL_FILE).read_bytes()).hexdigest()[:12]
+    return {"model_uri": uri, "path": str(path), "sha256": digest, **manifest}

@@ -1,0 +1,161 @@
+"""The ranker deployment: the exported model behind @serve.batch.
+
+Requests (one :class:`~serve_apps.rows.RankInput` each, up to a few hundred candidates) are
+batched by Serve (``max_batch_size`` / ``batch_wait_timeout_s`` from the use-case config),
+expanded to unified rows, run through the exported model's FeatureProcessor and TorchScript
+predictor, padded to the smallest configured shape bucket (``serve.shape_buckets``) so the
+model only ever sees a few fixed shapes (one CUDA Graph per bucket on a GPU), and answered
+with calibrated probabilities per task plus the use-case's ranking score
+``sum_t score_weights[t] * p_t``.
+
+Precision is the exported one (``manifest.json: precision``; fp16/bf16 for GPUs, fp32 —
+or bf16, which is slow on CPUs without bf16 units — on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import torch
+from ray import serve
+
+from model.config import ConfigError
+from model.export import load_predictor
+from serve_apps.deploy_config import RANKER_DEPLOYMENT
+from serve_apps.metrics import ServingMetrics
+from serve_apps.model_store import model_version, resolve_model_dir
+from serve_apps.rows import RankInput, split, to_columns
+from serve_apps.settings import AppSettings
+
+logger = logging.getLogger("ray.serve")
+
+
+def pick_device(setting: str, num_gpus: float) -> str:
+    """``serve.device``: cpu / cuda / auto (cuda when this replica has a GPU)."""
+    if setting == "cuda" or (setting == "auto" and num_gpus > 0 and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def ranking_score(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """``sum_t w_t * p_t`` over the use-case's weighted tasks."""
+    first = next(iter(probs.values()))
+    score = np.zeros(len(first), dtype=np.float64)
+    for task, w in weights.items():
+        score += w * probs[task]
+    return score
+
+
+class ModelScorer:
+    """The model side of the ranker, without Serve: load, check, warm up, score a batch."""
+
+    def __init__(self, s: AppSettings):
+        self.settings = s
+        uc = s.use_case
+        self.path = resolve_model_dir(s.model_uri, s.cfg)
+        self.device = pick_device(s.cfg.serve.device, uc.num_gpus)
+        self.predictor = load_predictor(self.path, self.device)
+        # The serving config decides the buckets (the export's are a default).
+        self.predictor.shape_buckets = sorted(s.cfg.serve.shape_buckets)
+        known = set(self.predictor.cfg.dataset.task_types)
+        if uc.name not in known:
+            raise ConfigError(
+                f"use-case {uc.name!r}: the model at {self.path} was not trained on task_type "
+                f"{uc.name!r} (it knows {sorted(known)})"
+            )
+        tasks = {t.name for t in self.predictor.cfg.dataset.tasks}
+        missing = sorted(set(uc.score_weights) - tasks)
+        if missing:
+            raise ConfigError(
+                f"use-case {uc.name!r}: score_weights names tasks {missing} the model lacks "
+                f"(it has {sorted(tasks)})"
+            )
+        self.weights = dict(uc.score_weights)
+        self.version = model_version(self.path, s.model_uri or str(self.path))
+        self.version["device"] = self.device
+        self.version["cuda_graphs"] = self.predictor.cuda_graphs_reason or "on"
+
+    def warm_up(self, example: RankInput) -> None:
+        """One call per shape bucket, so no request pays for a first-call compilation."""
+        for size in self.predictor.shape_buckets:
+            reps = -(-size // max(len(example), 1))
+            self.score([example] * reps)
+
+    def score(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
+        cols = to_columns(inputs)
+        probs = self.predictor.predict(cols)  # {task: (n,)} calibrated
+        probs = {t: np.asarray(v, dtype=np.float64) for t, v in probs.items()}
+        probs["__score__"] = ranking_score(probs, self.weights)
+        return split(probs, [len(x) for x in inputs])
+
+
+@serve.deployment(name=RANKER_DEPLOYMENT)
+class Ranker:
+    def __init__(self, args: dict):
+        s = AppSettings.from_args(args)
+        uc = s.use_case
+        # A replica owns a fraction of a core: more intra-op threads only contend.
+        torch.set_num_threads(max(1, int(uc.num_cpus)))
+        self.use_case = uc.name
+        self.scorer = ModelScorer(s)
+        self.metrics = ServingMetrics(uc.name)
+        self.rank_batch.set_max_batch_size(uc.max_batch_size)
+        self.rank_batch.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+        self._fault: tuple[str, float] | None = None
+        self.scorer.warm_up(warmup_input(uc.name))
+        logger.info(
+            "ranker ready task_type=%s model=%s device=%s buckets=%s",
+            uc.name,
+            self.scorer.version["sha256"],
+            self.scorer.device,
+            self.scorer.predictor.shape_buckets,
+        )
+
+    async def rank(self, inp: RankInput) -> dict[str, np.ndarray]:
+        return await self.rank_batch(inp)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def rank_batch(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
+        if self._fault is not None:
+            kind, delay = self._fault
+            if kind == "slow":
+                await asyncio.sleep(delay)
+            elif kind == "error":
+                raise RuntimeError("injected model failure (Ranker.set_fault)")
+        t0 = time.perf_counter()
+        # The forward pass is CPU-bound: off the event loop, so health checks still answer.
+        out = await asyncio.to_thread(self.scorer.score, inputs)
+        self.metrics.observe("unirank_model_latency_ms", (time.perf_counter() - t0) * 1e3)
+        self.metrics.observe("unirank_model_batch_rows", sum(len(x) for x in inputs))
+        return out
+
+    def version(self) -> dict:
+        return dict(self.scorer.version)
+
+    def set_fault(self, kind: str | None, delay_s: float = 0.0) -> None:
+        """Fault injection for drills and tests (not reachable over HTTP): ``"error"`` makes
+        every batch raise, ``"slow"`` delays it by ``delay_s``, None clears it."""
+        if kind not in (None, "error", "slow"):
+            raise ValueError(f"fault kind must be None, 'error' or 'slow', got {kind!r}")
+        self._fault = None if kind is None else (kind, float(delay_s))
+
+
+def warmup_input(task_type: str, n: int = 16) -> RankInput:
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    z = np.zeros(n, np.int64)
+    return RankInput(
+        task_type=task_type,
+        now=int(time.time()),
+        user_id=1,
+        candidates={
+            "item_id": ids,
+            "category_id": z,
+            "advertiser_id": z,
+            "campaign_id": z,
+            "price": np.full(n, np.nan, np.float32),
+            "advertiser_reliability": np.full(n, np.nan, np.float32),
+        },
+    )
