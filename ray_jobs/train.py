@@ -110,14 +110,16 @@ def needed_columns(cfg: UnirankConfig) -> list[str]:
     return cols + ([w] if w and w not in cols else [])
 
 
-def read_split(cfg: UnirankConfig, split: str, validate: bool = True) -> ray.data.Dataset:
+def read_split(
+    cfg: UnirankConfig, split: str, validate: bool = True, extra: list[str] | None = None
+) -> ray.data.Dataset:
     uris = getattr(cfg.dataset, split)
     if not uris:
         raise ValueError(f"dataset.{split}: no locations configured")
     fs, files = list_parquet(uris, cfg.storage)
     if validate:
         validate_files(files, cfg.dataset, filesystem=fs)
-    cols = needed_columns(cfg)
+    cols = needed_columns(cfg) + list(extra or [])
     # Optional columns (e.g. the weight column) may be absent from a foreign parquet.
     import pyarrow.parquet as pq
 
@@ -274,6 +276,15 @@ def prepare_loop(cfg: UnirankConfig, mlflow_run_id: str | None = None):
     return loop, {"train": train_ds.randomize_block_order(), "validation": val_ds}
 
 
+def finished_state(cfg: UnirankConfig) -> TrainState | None:
+    """The state of the run's latest checkpoint if there is nothing left to train."""
+    latest = latest_checkpoint(cfg)
+    if latest is None:
+        return None
+    state = load_state(fetch_checkpoint(latest))
+    return state if state.stopped_early or state.epoch >= cfg.train.epochs else None
+
+
 def run(cfg: UnirankConfig, address: str | None = None, track: bool = True) -> TrainResult:
     """Train (or resume) the run ``train.run_name``; blocks until it finishes."""
     t0 = time.perf_counter()
@@ -282,13 +293,22 @@ def run(cfg: UnirankConfig, address: str | None = None, track: bool = True) -> T
     mlflow_run_id = registry.start_or_resume_run(cfg) if track else None
     status = "FAILED"
     try:
-        loop, datasets = prepare_loop(cfg, mlflow_run_id)
-        log.info(
-            "training %s: %d worker(s) %s, %d epochs x <= %d steps/worker of %d rows -> %s",
-            cfg.train.run_name, cfg.train.num_workers, dict(scaling(cfg).resources_per_worker or {}),
-            cfg.train.epochs, loop.steps_per_epoch, cfg.train.batch_size, registry.run_dir(cfg).uri,
-        )  # fmt: skip
-        make_trainer(cfg, loop, datasets, registry.worker_env()).fit()
+        done = finished_state(cfg)
+        if done is not None:
+            log.info(
+                "run %s already finished (epoch %d of %d%s); raise train.epochs to train on",
+                cfg.train.run_name, done.epoch, cfg.train.epochs,
+                ", stopped early" if done.stopped_early else "",
+            )  # fmt: skip
+        else:
+            loop, datasets = prepare_loop(cfg, mlflow_run_id)
+            log.info(
+                "training %s: %d worker(s) %s, %d epochs x <= %d steps/worker of %d rows -> %s",
+                cfg.train.run_name, cfg.train.num_workers, scaling(cfg).resources_per_worker,
+                cfg.train.epochs, loop.steps_per_epoch, cfg.train.batch_size,
+                registry.run_dir(cfg).uri,
+            )  # fmt: skip
+            make_trainer(cfg, loop, datasets, registry.worker_env()).fit()
         result = collect(cfg, mlflow_run_id, time.perf_counter() - t0)
         status = "FINISHED"
     finally:
