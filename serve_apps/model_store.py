@@ -9,15 +9,12 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import os
 from pathlib import Path
 
 from model.config import ConfigError, UnirankConfig
 from model.export import MANIFEST_FILE, MODEL_FILE
-
-# Names model.registry may give its "registry URI -> local export directory" function.
-_RESOLVERS = ("resolve_model_uri", "download_model", "resolve")
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -29,19 +26,7 @@ def resolve_model_dir(uri: str | None, cfg: UnirankConfig) -> Path:
     if not uri:
         raise ConfigError("serve.model_uri is not set: give an exported directory or models:/...")
     if is_registry_uri(uri):
-        try:
-            registry = importlib.import_module("model.registry")
-        except ImportError as exc:
-            raise ConfigError(
-                f"serve.model_uri {uri!r}: registry URIs need model.registry ({exc}); "
-                f"pass an exported model directory instead"
-            ) from None
-        fn = next((getattr(registry, n) for n in _RESOLVERS if hasattr(registry, n)), None)
-        if fn is None:
-            raise ConfigError(
-                f"serve.model_uri {uri!r}: model.registry has none of {list(_RESOLVERS)}"
-            )
-        path = Path(fn(uri, cfg))
+        path = _download_registered(uri, cfg)
     else:
         path = Path(uri.removeprefix("file://"))
     if not (path / MANIFEST_FILE).is_file():
@@ -50,6 +35,28 @@ def resolve_model_dir(uri: str | None, cfg: UnirankConfig) -> Path:
             f"(no {MANIFEST_FILE}; see model.export.export)"
         )
     return path
+
+
+def _download_registered(uri: str, cfg: UnirankConfig) -> Path:
+    """``models:/...`` -> the downloaded serving directory (model.registry, imported lazily).
+
+    The tracking server is ``MLFLOW_TRACKING_URI`` when set, else ``mlflow.tracking_uri``.
+    """
+    try:
+        import mlflow
+
+        from model import registry
+    except ImportError as exc:
+        raise ConfigError(
+            f"serve.model_uri {uri!r}: registry URIs need mlflow and model.registry ({exc}); "
+            f"pass an exported model directory instead"
+        ) from None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    try:
+        return Path(registry.download_serving_dir(uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types; name the URI
+        raise ConfigError(f"serve.model_uri {uri!r}: cannot download: {exc}") from exc
 
 
 def model_version(path: Path, uri: str) -> dict:

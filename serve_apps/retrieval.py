@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from model.schema import UNIFIED_SCHEMA
+
 INDEX_FILE = "retrieval.npz"
 _COLUMNS = [
     "task_type",
@@ -50,8 +52,12 @@ class RetrievalError(ValueError):
 
 
 def _read(sources: Sequence[str | Path] | pa.Table) -> pa.Table:
+    """The index's columns, cast to their unified-schema types."""
     if isinstance(sources, pa.Table):
-        return sources
+        missing = [c for c in _COLUMNS if c not in sources.schema.names]
+        if missing:
+            raise RetrievalError(f"table lacks columns {missing}")
+        return _typed(sources.select(_COLUMNS))
     paths = [str(s) for s in sources]
     try:
         dataset = ds.dataset(paths if len(paths) > 1 else paths[0], format="parquet")
@@ -60,7 +66,12 @@ def _read(sources: Sequence[str | Path] | pa.Table) -> pa.Table:
     missing = [c for c in _COLUMNS if c not in dataset.schema.names]
     if missing:
         raise RetrievalError(f"parquet at {paths} lacks columns {missing}")
-    return dataset.to_table(columns=_COLUMNS)
+    return _typed(dataset.to_table(columns=_COLUMNS))
+
+
+def _typed(t: pa.Table) -> pa.Table:
+    schema = pa.schema([UNIFIED_SCHEMA.field(c).with_nullable(True) for c in _COLUMNS])
+    return t.cast(schema)
 
 
 def _csr(keys: np.ndarray, values: np.ndarray, weights: np.ndarray, top: int):
@@ -109,8 +120,8 @@ def build_index(
         return pc.fill_null(t[name], fill).to_numpy()[last]
 
     # co-occurrence: pairs within ``window`` positions of one sequence, both directions
-    seq = t["seq_item_ids"].combine_chunks()
-    flat = seq.flatten().to_numpy()
+    seq = t["seq_item_ids"].combine_chunks().cast(pa.list_(pa.int64()))
+    flat = seq.flatten().to_numpy(zero_copy_only=False)
     row = pc.list_parent_indices(seq).to_numpy()
     src, dst = [], []
     for d in range(1, window + 1):
@@ -125,8 +136,8 @@ def build_index(
     co = _csr(a[ok], b[ok], np.ones(int(ok.sum())), neighbours)
 
     # inverted index: token -> items shown for it (a click counts 10 shows)
-    qt = t["query_tokens"].combine_chunks()
-    tok = qt.flatten().to_numpy()
+    qt = t["query_tokens"].combine_chunks().cast(pa.list_(pa.int64()))
+    tok = qt.flatten().to_numpy(zero_copy_only=False)
     qrow = pc.list_parent_indices(qt).to_numpy()
     inv_idx = _csr(tok, item[qrow], 1.0 + 9.0 * click[qrow], per_token)
 
