@@ -1,0 +1,109 @@
+"""Write monitoring/grafana/unirank-serving.json (run after changing the panels):
+
+    python -m serve_apps.dashboard
+
+Every panel is per ``task_type`` (a dashboard variable) and reads the metrics defined in
+serve_apps/metrics.py (exported with Ray's ``ray_`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "monitoring" / "grafana" / "unirank-serving.json"
+SEL = 'task_type=~"$task_type"'
+
+PANELS = [
+    (
+        "Requests/s by status",
+        f"sum by (task_type, status) (rate(ray_unirank_requests_total{{{SEL}}}[1m]))",
+        "reqps",
+    ),
+    (
+        "p50 / p99 latency (ms)",
+        f"histogram_quantile(0.99, sum by (le, task_type) (rate(ray_unirank_request_latency_ms_bucket{{{SEL}}}[5m])))",
+        "ms",
+    ),
+    (
+        "Error rate",
+        f"sum by (task_type) (rate(ray_unirank_errors_total{{{SEL}}}[5m])) / clamp_min(sum by (task_type) (rate(ray_unirank_requests_total{{{SEL}}}[5m])), 1e-9)",
+        "percentunit",
+    ),
+    (
+        "Fallback rate",
+        f"sum by (task_type, reason) (rate(ray_unirank_fallbacks_total{{{SEL}}}[5m])) / ignoring(reason) group_left sum by (task_type) (rate(ray_unirank_requests_total{{{SEL}}}[5m]))",
+        "percentunit",
+    ),
+    (
+        "Cache hit ratio",
+        f"sum by (task_type) (rate(ray_unirank_cache_hits_total{{{SEL}}}[5m])) / clamp_min(sum by (task_type) (rate(ray_unirank_cache_hits_total{{{SEL}}}[5m])) + sum by (task_type) (rate(ray_unirank_cache_misses_total{{{SEL}}}[5m])), 1e-9)",
+        "percentunit",
+    ),
+    (
+        "Mean ranking score (drift)",
+        f"sum by (task_type) (rate(ray_unirank_scores_sum{{{SEL}}}[15m])) / sum by (task_type) (rate(ray_unirank_scores_count{{{SEL}}}[15m]))",
+        "none",
+    ),
+    ("Score distribution", f"sum by (le) (rate(ray_unirank_scores_bucket{{{SEL}}}[5m]))", "none"),
+    (
+        "Model batch rows (p50)",
+        f"histogram_quantile(0.5, sum by (le, task_type) (rate(ray_unirank_model_batch_rows_bucket{{{SEL}}}[5m])))",
+        "none",
+    ),
+    (
+        "Model latency p99 (ms)",
+        f"histogram_quantile(0.99, sum by (le, task_type) (rate(ray_unirank_model_latency_ms_bucket{{{SEL}}}[5m])))",
+        "ms",
+    ),
+    (
+        "Replicas per deployment",
+        'sum by (application, deployment) (ray_serve_deployment_replica_healthy{application=~"$task_type"})',
+        "none",
+    ),
+]
+
+
+def dashboard() -> dict:
+    panels = []
+    for i, (title, expr, unit) in enumerate(PANELS):
+        panels.append(
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [{"refId": "A", "expr": expr, "legendFormat": "{{task_type}}"}],
+            }
+        )
+    return {
+        "uid": "unirank-serving",
+        "title": "unirank serving",
+        "tags": ["unirank", "ray-serve"],
+        "timezone": "utc",
+        "schemaVersion": 39,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "task_type",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": "label_values(ray_unirank_requests_total, task_type)",
+                    "includeAll": True,
+                    "multi": True,
+                    "current": {"text": "All", "value": "$__all"},
+                },
+            ]
+        },
+        "panels": panels,
+    }
+
+
+if __name__ == "__main__":
+    OUT.write_text(json.dumps(dashboard(), indent=1) + "\n")
+    print(f"wrote {OUT}")
