@@ -15,6 +15,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from model.config import ConfigError
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT, RANKER_DEPLOYMENT, deployment_options
 from serve_apps.ingress import UseCaseIngress
 from serve_apps.ranker import Ranker
@@ -25,13 +26,21 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if k != "name"}
 
 
-def build_app(args: dict[str, Any]) -> Application:
+def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None) -> Application:
     """Serve application builder; ``args`` as written by ``deploy_config.build_serve_config``.
 
     The args are validated here (the config, the use-case, the args' keys), so a bad deploy
     fails when the application is built, with the field named, not inside a replica.
+    ``deployments``: the config's per-deployment entries, merged over the use-case's options
+    (what ``serve deploy`` does with the same YAML).
     """
     s = AppSettings.from_args(args)
     opts = deployment_options(s.use_case)
+    for d in deployments or []:
+        if d["name"] not in opts:
+            raise ConfigError(
+                f"deployments: unknown deployment {d['name']!r}; known {sorted(opts)}"
+            )
+        opts[d["name"]] = {**opts[d["name"]], **d}
     ranker = Ranker.options(**_options(opts[RANKER_DEPLOYMENT])).bind(args)
     return UseCaseIngress.options(**_options(opts[INGRESS_DEPLOYMENT])).bind(ranker, args)

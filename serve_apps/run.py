@@ -54,7 +54,8 @@ def deploy(serve_config: dict[str, Any], timeout_s: float = 180.0) -> dict[str, 
     """Deploy a generated multi-application Serve config on the connected Ray cluster.
 
     Starts Serve with the config's ``http_options`` (a running Serve keeps its own), builds
-    every application with ``serve_apps.app:build_app`` and its args, deploys them together
+    every application with ``serve_apps.app:build_app`` from its args and its ``deployments``
+    entries (as ``serve deploy`` would), deploys them together
     and waits until all are RUNNING. Returns {application: base URL}.
     """
     http = serve_config["http_options"]
@@ -63,7 +64,11 @@ def deploy(serve_config: dict[str, Any], timeout_s: float = 180.0) -> dict[str, 
         proxy_location=serve_config.get("proxy_location", "EveryNode"),
     )
     targets = [
-        serve.RunTarget(target=build_app(a["args"]), name=a["name"], route_prefix=a["route_prefix"])
+        serve.RunTarget(
+            target=build_app(a["args"], a.get("deployments")),
+            name=a["name"],
+            route_prefix=a["route_prefix"],
+        )
         for a in serve_config["applications"]
     ]
     serve.run_many(targets, wait_for_applications_running=False)
