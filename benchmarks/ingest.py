@@ -104,7 +104,9 @@ def main() -> None:
             {
                 "benchmark": "ingest",
                 "prepare": {"small": a, "large": b},
-                "prepare_rows_per_s_ratio_large_vs_small": round(b["rows_per_s"] / a["rows_per_s"], 3),
+                "prepare_rows_per_s_ratio_large_vs_small": round(
+                    b["rows_per_s"] / a["rows_per_s"], 3
+                ),
                 "prepare_peak_rss_single_ratio_large_vs_small": round(
                     b["peak_rss_single_mb"] / a["peak_rss_single_mb"], 3
                 ),

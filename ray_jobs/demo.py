@@ -13,8 +13,8 @@ import time
 
 import ray
 
-from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging, write_json
 from ray_jobs import prepare
+from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging, write_json
 from ray_jobs.generate import format_summary, generate, summarize
 
 
