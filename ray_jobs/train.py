@@ -224,8 +224,15 @@ def scaling(cfg: UnirankConfig):
     return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=res)
 
 
-def make_trainer(cfg: UnirankConfig, loop: TrainLoopConfig, datasets: dict, env: dict):
-    """The TorchTrainer of a run (also used by benchmarks/train_throughput.py)."""
+def make_trainer(
+    cfg: UnirankConfig,
+    loop: TrainLoopConfig,
+    datasets: dict,
+    env: dict,
+    callbacks: list | None = None,
+):
+    """The TorchTrainer of a run (also used by benchmarks/train_throughput.py and, with a
+    TuneReportCallback in ``callbacks``, by each trial of tuning.search)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -239,6 +246,7 @@ def make_trainer(cfg: UnirankConfig, loop: TrainLoopConfig, datasets: dict, env:
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=callbacks,
     )
     return TorchTrainer(
         train_func,
@@ -285,12 +293,26 @@ def finished_state(cfg: UnirankConfig) -> TrainState | None:
     return state if state.stopped_early or state.epoch >= cfg.train.epochs else None
 
 
-def run(cfg: UnirankConfig, address: str | None = None, track: bool = True) -> TrainResult:
-    """Train (or resume) the run ``train.run_name``; blocks until it finishes."""
+def run(
+    cfg: UnirankConfig,
+    address: str | None = None,
+    track: bool = True,
+    callbacks: list | None = None,
+    mlflow_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train (or resume) the run ``train.run_name``; blocks until it finishes.
+
+    ``callbacks`` go to the trainer's RunConfig (Tune passes its TuneReportCallback);
+    ``mlflow_tags`` are set on the MLflow run (Tune links a trial to its search's parent run).
+    """
     t0 = time.perf_counter()
     cfg = resolve_paths(cfg)
     init_ray(address)
     mlflow_run_id = registry.start_or_resume_run(cfg) if track else None
+    if mlflow_run_id and mlflow_tags:
+        c = registry.client(cfg)
+        for key, value in mlflow_tags.items():
+            c.set_tag(mlflow_run_id, key, value)
     status = "FAILED"
     try:
         done = finished_state(cfg)
@@ -308,7 +330,7 @@ def run(cfg: UnirankConfig, address: str | None = None, track: bool = True) -> T
                 cfg.train.epochs, loop.steps_per_epoch, cfg.train.batch_size,
                 registry.run_dir(cfg).uri,
             )  # fmt: skip
-            make_trainer(cfg, loop, datasets, registry.worker_env()).fit()
+            make_trainer(cfg, loop, datasets, registry.worker_env(), callbacks).fit()
         result = collect(cfg, mlflow_run_id, time.perf_counter() - t0)
         status = "FINISHED"
     finally:
