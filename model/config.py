@@ -605,12 +605,24 @@ def load_config(
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid config {path}: not valid YAML: {exc}") from None
-    base = data.pop("base", None)
-    if base is not None:
-        parent = yaml.safe_load((path.parent / base).read_text()) or {}
-        parent.pop("base", None)
-        data = _deep_merge(parent, data)
+    data = _resolve_base(path, data, seen=(path.resolve(),))
     return config_from_dict(data, str(path), overrides)
+
+
+def _resolve_base(path: Path, data: dict, seen: tuple[Path, ...]) -> dict:
+    """`base: other.yaml` (relative to the file) is merged under the file, recursively."""
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent_path = (path.parent / base).resolve()
+    if parent_path in seen:
+        raise ConfigError(f"invalid config {path}: base {base!r} is circular")
+    try:
+        parent = yaml.safe_load(parent_path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"invalid config {path}: base {base!r}: {exc.strerror}") from None
+    parent = _resolve_base(parent_path, parent, (*seen, parent_path))
+    return _deep_merge(parent, data)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

@@ -98,3 +98,18 @@ def test_flat_view_for_mlflow():
     flat = load_config(None).flat()
     assert flat["train.lr"] == load_config(None).train.lr
     assert flat["dataset.tasks.0.name"] == "click"
+
+
+def test_base_chain_is_resolved_recursively():
+    tune = load_config(CONFIGS / "tune_smoke.yaml")
+    smoke = load_config(CONFIGS / "smoke.yaml")
+    assert tune.dataset.train == smoke.dataset.train  # from the grandparent
+    assert tune.model.embedding_dim == load_config(CONFIGS / "train_smoke.yaml").model.embedding_dim
+    assert tune.train.epochs == 2 and tune.tune.num_samples == 4
+
+
+def test_circular_base_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
