@@ -1,0 +1,139 @@
+"""Model quality on generated data and on MovieLens: a script, not a test (minutes, not seconds).
+
+    python benchmarks/train_quality.py [--quick] [--skip-movielens]
+
+Synthetic ads: generate -> prepare -> train the multi-task ensemble -> evaluate with a
+single-task checkout baseline (same budget), and the generator's oracle AUC: the true
+P(checkout) of each test impression (truth/impressions.p_checkout, joined on request_id =
+"r<impression_id>") scored against the same labels and weights. MovieLens: build -> train ->
+per use-case (task_type) AUC of click and engage. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+
+from model.config import load_config  # noqa: E402
+from model.metrics import auc  # noqa: E402
+from ray_jobs import evaluate, train  # noqa: E402
+from ray_jobs.common import init_ray  # noqa: E402
+from ray_jobs.generate import generate  # noqa: E402
+from ray_jobs.movielens import write_movielens  # noqa: E402
+from ray_jobs.prepare import prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = [
+    "model.embedding_dim=16",
+    "model.sequence.num_layers=1",
+    "train.batch_size=512",
+    "train.lr=0.005",
+    "train.patience=2",
+    "evaluate.bootstrap=200",
+]
+
+
+def oracle_checkout_auc(root: str, cfg) -> tuple[float, int]:
+    """AUC of the true P(checkout) on the test rows that carry a checkout label."""
+    trained = evaluate.load_trained(cfg)
+    pred = evaluate.predict_split(trained.model, trained.processor, cfg, "test", with_ids=True)
+    j = list(trained.processor.layout.task_names).index("checkout")
+    m = pred["masks"][:, j]
+    ids = np.array([int(s[1:]) for s in pred["ids"][m]], dtype=np.int64)
+    truth = pq.read_table(f"{root}/raw/truth/impressions", columns=["impression_id", "p_checkout"])
+    lookup = dict(zip(truth["impression_id"].to_pylist(), truth["p_checkout"].to_pylist(), strict=True))  # fmt: skip
+    p = np.array([lookup[i] for i in ids], dtype=np.float64)
+    return auc(pred["labels"][m, j], p, pred["weight"][m]), int(m.sum())
+
+
+def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
+    cfg = load_config(
+        REPO / "configs" / "synthetic_ads.yaml",
+        [
+            *MODEL,
+            f"generate.num_impressions={impressions}",
+            f"generate.output={tmp}/raw",
+            f"prepare.input={tmp}/raw",
+            f"prepare.output={tmp}/prepared",
+            f"dataset.train=[{tmp}/prepared/train]",
+            f"dataset.validation=[{tmp}/prepared/validation]",
+            f"dataset.test=[{tmp}/prepared/test]",
+            f"train.storage_path={tmp}/runs",
+            f"train.epochs={epochs}",
+            "train.objective={click: 0.3, checkout: 0.7}",
+            "evaluate.baseline_tasks=[checkout]",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        ],
+    )
+    generate(cfg)
+    prepare(cfg)
+    result = train.run(cfg)
+    report = evaluate.run(cfg, baselines=True)
+    oracle, rows = oracle_checkout_auc(tmp, train.resolve_paths(cfg))
+    b = report["baselines"]["checkout"]
+    return {
+        "impressions": impressions,
+        "epochs_run": result.epochs,
+        "checkout_test_rows": rows,
+        "checkout_auc_mtl": round(b["mtl_auc"], 4),
+        "checkout_auc_single_task": round(b["single_task_auc"], 4),
+        "checkout_mtl_minus_single": round(b["delta"], 4),
+        "checkout_delta_ci95": [round(v, 4) for v in b["ci95"]],
+        "checkout_auc_oracle": round(oracle, 4),
+        "click_auc_mtl": round(report["uncalibrated"]["click"]["all"]["auc"], 4),
+    }
+
+
+def movielens(tmp: str, epochs: int) -> dict:
+    cfg = load_config(
+        REPO / "configs" / "movielens.yaml",
+        [
+            *MODEL,
+            f"movielens.source={REPO}/data/ml-latest-small",
+            f"movielens.output={tmp}/ml",
+            f"dataset.train=[{tmp}/ml/train]",
+            f"dataset.validation=[{tmp}/ml/validation]",
+            f"dataset.test=[{tmp}/ml/test]",
+            f"train.storage_path={tmp}/runs",
+            "train.run_name=movielens",
+            f"train.epochs={epochs}",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        ],
+    )
+    write_movielens(cfg)
+    result = train.run(cfg)
+    report = evaluate.run(cfg)
+    per_use_case = {
+        task: {tt: round(m["auc"], 4) for tt, m in by.items() if m.get("auc") is not None}
+        for task, by in report["uncalibrated"].items()
+    }
+    return {"epochs_run": result.epochs, "test_rows": report["rows"], "auc": per_use_case}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="50k impressions, 3 epochs")
+    p.add_argument("--skip-movielens", action="store_true")
+    args = p.parse_args()
+    impressions, epochs = (50_000, 3) if args.quick else (200_000, 6)
+    init_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=False)
+    out = {"benchmark": "train_quality"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs)
+        if not args.skip_movielens:
+            out["movielens"] = movielens(f"{tmp}/ml", epochs)
+    ray.shutdown()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

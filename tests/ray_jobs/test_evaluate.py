@@ -1,0 +1,58 @@
+"""ray_jobs.evaluate on the shared trained run: calibrated report, plots, MLflow, baselines."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ray_jobs import evaluate
+
+pytestmark = pytest.mark.integration
+
+
+def test_report_per_task_and_task_type_with_a_single_task_baseline(
+    trained_run, train_cfg, smoke_data, mlflow_server
+):
+    _, r = trained_run
+    cfg = train_cfg(
+        smoke_data, "base", mlflow_server,
+        "train.epochs=2", "train.num_workers=2", "train.resources_per_worker={CPU: 0.4}",
+        "evaluate.baseline_tasks=[checkout]",
+    )  # fmt: skip
+    report = evaluate.run(cfg, baselines=True)
+
+    assert report["split"] == "test" and report["rows"] > 1000
+    assert report["checkpoint"] == r.checkpoint
+    assert set(report["metrics"]) == {"click", "add_to_cart", "checkout", "engage"}
+    click = report["metrics"]["click"]
+    assert {"all", "ads", "notifications", "related_items", "search", "category"} <= set(click)
+    assert set(report["metrics"]["checkout"]) == {"all", "ads"}  # observed for ads only
+    for key in ("auc", "logloss", "ne", "ece", "pred_obs", "count"):
+        assert key in click["all"]
+    assert click["all"]["auc"] > 0.55  # learned something in a few dozen steps
+    # calibrated on validation: predicted / observed close to 1 on test
+    assert 0.7 < click["all"]["pred_obs"] < 1.3
+    corr = report["label_correlation"]
+    assert corr["tasks"] == ["click", "add_to_cart", "checkout", "engage"]
+    assert corr["corr"][0][0] == 1.0 and corr["rows"][1][3] == 0  # never both observed
+
+    b = report["baselines"]["checkout"]
+    assert b["run"] == "base-single-checkout" and b["rows"] > 100
+    lo, hi = b["ci95"]
+    assert math.isfinite(b["single_task_auc"]) and lo <= b["delta"] <= hi
+    assert b["delta"] == pytest.approx(b["mtl_auc"] - b["single_task_auc"])
+
+    out = Path(report["output"])
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["objective"] == pytest.approx(report["objective"])
+    assert sorted(p.name for p in (out / "plots").glob("*.png")) == [
+        "add_to_cart.png", "checkout.png", "click.png", "engage.png",
+    ]  # fmt: skip
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    names = {a.path for a in client.list_artifacts(r.mlflow_run_id, "eval")}
+    assert {"eval/report.json", "eval/plots"} <= names
+    assert client.get_run(r.mlflow_run_id).data.metrics["test/click/auc"] == pytest.approx(
+        click["all"]["auc"]
+    )

@@ -1,0 +1,75 @@
+"""ray_jobs.export: a registered version with serving/ + training/ artifacts, the champion
+rule (a worse model does not take the alias), loading by alias, and warm start from it."""
+
+import shutil
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from model.ensemble import build_model
+from model.export import load_predictor
+from model.registry import download_serving_dir, model_uri_for
+from ray_jobs import export, train
+from ray_jobs.evaluate import load_trained
+
+pytestmark = pytest.mark.integration
+
+
+def test_register_champion_rule_load_by_alias_and_warm_start(
+    trained_run, train_cfg, smoke_data, mlflow_server, tmp_path
+):
+    base_cfg, r = trained_run
+    # Decide on click AUC alone: with ~30 test checkouts the checkout AUC is too noisy here.
+    cfg = train_cfg(smoke_data, "base", mlflow_server, "train.objective={click: 1.0}")
+    first = export.run(cfg)
+    name = cfg.mlflow.registered_model
+    assert first["promoted"] and first["champion_before"] is None
+    assert first["objective"] > 0.55 and first["serving_artifact"] == "artifacts/serving"
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    champ = client.get_model_version_by_alias(name, "champion")
+    assert champ.version == first["version"]
+    assert float(champ.tags["objective"]) == pytest.approx(first["objective"], abs=1e-6)
+    info = mlflow.models.get_model_info(first["model_uri"])
+    assert {"item_id", "seq_item_ids", "task_type"} <= set(info.signature.inputs.input_names())
+    assert info.saved_input_example_info is not None
+
+    # Serve's route: alias -> local export directory -> predictor
+    serving = download_serving_dir(model_uri_for(name, "champion"), tmp_path / "dl")
+    predictor = load_predictor(serving)
+    files = sorted((smoke_data / "prepared" / "test").rglob("*.parquet"))
+    probs = predictor.predict(pq.read_table(files[0]).slice(0, 50))
+    assert set(probs) == {"click", "add_to_cart", "checkout", "engage"}
+    assert all(((p >= 0) & (p <= 1)).all() and len(p) == 50 for p in probs.values())
+
+    # A worse model (untrained weights in a copy of the checkpoint) does not take the alias.
+    worse = tmp_path / "untrained" / "epoch_0001"
+    shutil.copytree(r.checkpoint, worse)
+    trained = load_trained(cfg)
+    torch.manual_seed(0)
+    torch.save(build_model(trained.cfg).state_dict(), worse / "best_model.pt")
+    second = export.run(cfg, checkpoint=str(worse))
+    assert not second["promoted"] and second["margin"] < 0
+    assert second["champion_before"]["version"] == first["version"]
+    assert second["winner"] == f"v{first['version']} (champion)"
+    assert client.get_model_version_by_alias(name, "champion").version == first["version"]
+
+    # Warm start from the champion: with a vanishing LR the first validation equals the
+    # champion's (the base run's best epoch), far above an untrained model.
+    warm_cfg = train_cfg(
+        smoke_data, "warm", mlflow_server,
+        "train.init_from=champion", "train.epochs=1", "train.max_steps_per_epoch=1",
+        "train.lr=1e-9",
+    )  # fmt: skip
+    warm = train.run(warm_cfg)
+    assert warm.starts == [0] and warm.epochs == 1
+    assert warm.history[0]["val/objective"] == pytest.approx(r.best_objective, abs=0.01)
+    warm_weights = torch.load(f"{warm.checkpoint}/best_model.pt")
+    champion_weights = load_trained(base_cfg).model.state_dict()
+    k = "embeddings.table.weight"
+    assert np.allclose(warm_weights[k].numpy(), champion_weights[k].numpy(), atol=1e-5)
