@@ -7,12 +7,14 @@ fixture starts its own and stops it at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 S3_KEY = "testing"
+MLFLOW_BUCKET = "mlflow"
 
 
 def free_port() -> int:
@@ -109,3 +112,94 @@ def s3_bucket(s3_endpoint):
 def workdir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """Tracking URI of a real MLflow server whose artifacts live in the moto S3 server."""
+    env_before = dict(os.environ)
+    uri = os.environ.get("UNIRANK_TEST_MLFLOW_URI")
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or s3_endpoint
+    os.environ.update(
+        {
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", S3_KEY),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", S3_KEY),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        }
+    )
+    proc, log = None, None
+    if not uri:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=MLFLOW_BUCKET)
+        workdir = tmp_path_factory.mktemp("mlflow")
+        port = free_port()
+        log = open(workdir / "server.log", "w")  # noqa: SIM115 - closed at teardown
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{workdir}/mlflow.db",
+                "--default-artifact-root",
+                f"s3://{MLFLOW_BUCKET}/artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # No job runner: it forks a dozen huey consumers that eat this 2-core machine.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _healthy(uri):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"mlflow server did not become healthy; see {log.name}")
+            time.sleep(0.5)
+    yield uri
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    os.environ.clear()
+    os.environ.update(env_before)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(ray_cluster, tmp_path_factory):
+    """~20k generated impressions, prepared with default settings; returns the root."""
+    from model.config import load_config
+    from ray_jobs.generate import generate
+    from ray_jobs.prepare import prepare
+
+    root = tmp_path_factory.mktemp("train_data")
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            f"generate.output={root}/raw",
+            f"prepare.input={root}/raw",
+            f"prepare.output={root}/prepared",
+        ],
+    )
+    generate(cfg)
+    prepare(cfg)
+    return root

@@ -28,7 +28,7 @@ import ray
 from ray import tune
 
 from model.config import UnirankConfig, config_from_dict
-from model.storage import resolve, write_text
+from model.storage import is_s3, resolve, write_text
 from ray_jobs import registry
 from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging
 from tuning.space import decode, param_space, trial_config
@@ -75,7 +75,11 @@ def _search_alg(cfg: UnirankConfig):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(metric=METRIC, mode="max", seed=cfg.train.seed)
-    return None  # random / grid: Tune's BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator
+
+    # random / grid, seeded so that a search is repeatable.
+    # (An explicit generator does not inherit TuneConfig.max_concurrent_trials: pass it here.)
+    return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=t.max_concurrent_trials)
 
 
 def _scheduler(cfg: UnirankConfig):
@@ -235,6 +239,12 @@ def search(cfg: UnirankConfig, register: bool = True) -> dict:
     from ray_jobs.train import resolve_paths
 
     cfg = resolve_paths(cfg)
+    if not is_s3(cfg.tune.storage_path):
+        # Trials run in their own working directories: every path they see must be absolute.
+        tune_cfg = cfg.tune.model_copy(
+            update={"storage_path": str(Path(cfg.tune.storage_path).resolve())}
+        )
+        cfg = cfg.model_copy(update={"tune": tune_cfg})
     parent = _parent_run(cfg)
     grid = make_tuner(cfg, parent).fit()
     df = results_table(grid, cfg)
