@@ -1,11 +1,12 @@
 """ray_jobs.train through a real TorchTrainer on the session cluster: DDP run with checkpoints
 and MLflow tracking, rerun semantics, and a worker killed mid-run."""
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -57,16 +58,35 @@ def test_rerun_of_a_finished_run_does_not_start_over(trained_run):
     assert again.checkpoint == r.checkpoint and again.mlflow_run_id == r.mlflow_run_id
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train workers of the session cluster (descendants of this test process only)."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line), from /proc."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(entry)] = (ppid, cmd)
     return out
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train workers of the session cluster: descendants of this test process only (the
+    session's raylet is its child), never another Ray on the machine."""
+    procs = _processes()
+    mine, frontier = set(), [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in procs.items():
+            if ppid == parent and pid not in mine:
+                mine.add(pid)
+                frontier.append(pid)
+    return [pid for pid in mine if "RayTrainWorker" in procs[pid][1]]
 
 
 def test_killed_worker_is_replaced_and_resumes_then_rerun_resumes(
@@ -95,7 +115,7 @@ def test_killed_worker_is_replaced_and_resumes_then_rerun_resumes(
     pids = _train_worker_pids()
     assert pids, "no RayTrainWorker process found"
     for pid in pids:
-        psutil.Process(pid).kill()
+        os.kill(pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive(), "training did not finish within 300 s after the kill"
     assert "error" not in box, box.get("error")

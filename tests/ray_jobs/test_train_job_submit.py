@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,8 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 
 from model.config import load_config
 
@@ -34,15 +35,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _head_processes(temp_dir: str) -> list[psutil.Process]:
+def _head_pids(temp_dir: str) -> list[int]:
+    """Every process of the head started with ``temp_dir`` (its path is in their command
+    lines), read from /proc."""
     out = []
-    for p in psutil.process_iter(["cmdline"]):
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
         try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                out.append(p)
-        except psutil.Error:
-            pass
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if temp_dir.encode() in f.read():
+                    out.append(int(entry))
+        except OSError:
+            continue
     return out
+
+
+def _stop_head(temp_dir: str, grace: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _head_pids(temp_dir):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _head_pids(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +94,7 @@ def ray_head(tmp_path_factory):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield env["RAY_ADDRESS"], env
     finally:
-        procs = _head_processes(temp_dir)
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -115,16 +124,23 @@ def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server,
     assert submit.returncode == 0, submit.stdout + submit.stderr
     deadline, status = time.monotonic() + 300, ""
     while time.monotonic() < deadline:
-        out = _ray(env, "job", "status", "--address", address, job_id).stdout
+        done = _ray(env, "job", "status", "--address", address, job_id)
+        out = done.stdout + done.stderr  # the CLI logs the status line to stderr
         status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
         if status:
             break
         time.sleep(2)
-    logs = _ray(env, "job", "logs", "--address", address, job_id).stdout
+    shown = _ray(env, "job", "logs", "--address", address, job_id)
+    logs = shown.stdout + shown.stderr
     if not status:
         _ray(env, "job", "stop", "--address", address, job_id)
     assert status == "SUCCEEDED", f"job {job_id}: {status or 'timed out'}\n{logs[-4000:]}"
     assert "epoch 1/1" in logs and '"train":' in logs
-    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     assert (smoke_data / "runs" / run_name / "epoch_0001" / "state.json").is_file()
-    assert cfg.train.run_name == run_name
+    # the submitted job tracked into the same MLflow server (rank 0 from the cluster's worker)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "val/objective" in runs[0].data.metrics
