@@ -60,6 +60,7 @@ def run_trial(config: dict, base_config: dict, parent_run_id: str | None) -> Non
             f"train.storage_path={search_root}/runs",
         ],
     )
+    before = _live_placement_groups()
     train.run(
         cfg,
         callbacks=[TuneReportCallback()],
@@ -67,6 +68,41 @@ def run_trial(config: dict, base_config: dict, parent_run_id: str | None) -> Non
         if parent_run_id
         else None,
     )
+    _release_placement_groups(before, sole_trial=base.tune.max_concurrent_trials == 1)
+
+
+def _live_placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def _release_placement_groups(before: set[str], sole_trial: bool, wait_s: float = 30.0) -> None:
+    """Make sure the trainer's placement group is gone before the trial ends.
+
+    Tune ends a trial as soon as its function returns; a Train controller still shutting down
+    then dies with its placement group alive, and on a small cluster the next trial's Ray Data
+    read tasks wait forever for the CPU it holds. Wait for the controller to release it; when
+    this is the only trial running, whatever placement group is left over is ours: remove it.
+    """
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        leftover = _live_placement_groups() - before
+        if not leftover or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if leftover and sole_trial:
+        table = placement_group_table()
+        for pg_id in leftover:
+            log.warning("removing placement group %s left behind by the trial's trainer", pg_id)
+            remove_placement_group(
+                PlacementGroup(
+                    ray.PlacementGroupID(bytes.fromhex(table[pg_id]["placement_group_id"]))
+                )
+            )
 
 
 def _search_alg(cfg: UnirankConfig):
@@ -79,7 +115,9 @@ def _search_alg(cfg: UnirankConfig):
 
     # random / grid, seeded so that a search is repeatable.
     # (An explicit generator does not inherit TuneConfig.max_concurrent_trials: pass it here.)
-    return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=t.max_concurrent_trials)
+    return BasicVariantGenerator(
+        random_state=cfg.train.seed, max_concurrent=t.max_concurrent_trials
+    )
 
 
 def _scheduler(cfg: UnirankConfig):
