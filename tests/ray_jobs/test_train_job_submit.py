@@ -125,8 +125,11 @@ def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server,
     deadline, status = time.monotonic() + 300, ""
     while time.monotonic() < deadline:
         done = _ray(env, "job", "status", "--address", address, job_id)
-        out = done.stdout + done.stderr  # the CLI logs the status line to stderr
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+        # The CLI logs "Job '<id>' succeeded" / "failed" / "was stopped" (to stderr) once
+        # the job is over, and "Status for job '<id>': RUNNING" before.
+        out = (done.stdout + done.stderr).lower()
+        ends = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}
+        status = next((v for k, v in ends.items() if f"job '{job_id}' {k}" in out), "")
         if status:
             break
         time.sleep(2)
