@@ -93,7 +93,7 @@ def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
     }
 
 
-def movielens(tmp: str, epochs: int) -> dict:
+def movielens(tmp: str, epochs: int, steps: int) -> dict:
     cfg = load_config(
         REPO / "configs" / "movielens.yaml",
         [
@@ -106,6 +106,7 @@ def movielens(tmp: str, epochs: int) -> dict:
             f"train.storage_path={tmp}/runs",
             "train.run_name=movielens",
             f"train.epochs={epochs}",
+            f"train.max_steps_per_epoch={steps}",
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
         ],
     )
@@ -121,7 +122,9 @@ def movielens(tmp: str, epochs: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="50k impressions, 3 epochs")
+    p.add_argument(
+        "--quick", action="store_true", help="50k impressions, 3 epochs; MovieLens 100 steps/epoch"
+    )
     p.add_argument("--skip-movielens", action="store_true")
     args = p.parse_args()
     impressions, epochs = (50_000, 3) if args.quick else (200_000, 6)
@@ -130,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs)
         if not args.skip_movielens:
-            out["movielens"] = movielens(f"{tmp}/ml", epochs)
+            out["movielens"] = movielens(f"{tmp}/ml", epochs, 100 if args.quick else 400)
     ray.shutdown()
     print(json.dumps(out))
 
