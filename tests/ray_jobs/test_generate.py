@@ -20,6 +20,8 @@ SMALL = [
     "generate.num_items=1500",
     "generate.num_advertisers=40",
     "generate.days=5",
+    # Export the logs a month after the last impression: every conversion has arrived.
+    "generate.observe_hours_after_end=720",
 ]
 
 
