@@ -7,6 +7,8 @@
     per-task inputs = experts([shared, fused])                     # T x (B, He)
     logits = towers(per-task inputs)                               # {task: (B,)}
 
+``forward`` = ``forward_encoded(encode_user(sequence))``: serving encodes a user's sequence
+once per request (or reads it precomputed) and scores every candidate against it.
 ``forward`` returns logits only; losses.py adds the loss for training, export.py adds sigmoid
 + calibration for serving. Adding a task or a use-case (task_type) is config only.
 """
@@ -60,18 +62,37 @@ class UnirankModel(nn.Module):
         self.towers = towers
         self.task_names = list(towers.task_names)
 
+    def encode_user(
+        self,
+        seq_items: torch.Tensor,
+        seq_types: torch.Tensor,
+        seq_gaps: torch.Tensor,
+        seq_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The user's events through the sequence transformer: (U, L, D), one row per user.
+
+        Candidate-independent, so serving runs it once per user (or reads it precomputed,
+        ray_jobs.user_embeddings) and passes it to ``forward_encoded``. Without a sequence
+        encoder: (U, L, 0).
+        """
+        if self.sequence is None:
+            return torch.zeros(seq_mask.shape[0], seq_mask.shape[1], 0, device=seq_mask.device)
+        items = self.embeddings.sequence(seq_items)  # (U, L, D)
+        return self.sequence.encode(items, seq_types, seq_gaps, seq_mask)  # (U, L, D)
+
     def fields(
         self,
         sparse: torch.Tensor,
         multi: dict[str, torch.Tensor],
         dense: torch.Tensor,
-        seq_items: torch.Tensor,
-        seq_types: torch.Tensor,
+        user_h: torch.Tensor,
+        user_index: torch.Tensor | None,
         seq_gaps: torch.Tensor,
         seq_mask: torch.Tensor,
         task_type: torch.Tensor,
     ) -> torch.Tensor:
-        """Every input as a field embedding: (B, K, D)."""
+        """Every input as a field embedding: (B, K, D). ``user_h`` is ``encode_user``'s output
+        (U, L, D); ``user_index`` (B,) its row per example (None: one row per example)."""
         cat = self.embeddings.sparse(sparse)  # (B, F, D)
         parts = [cat]
         for pooled in self.embeddings.pooled(multi):
@@ -84,10 +105,37 @@ class UnirankModel(nn.Module):
                 candidate = cat[:, self.candidate_index]  # (B, D)
             else:
                 candidate = torch.zeros_like(cat[:, 0])
-            items = self.embeddings.sequence(seq_items)  # (B, L, D)
-            user = self.sequence(items, seq_types, seq_gaps, seq_mask, candidate)  # (B, D)
+            user = self.sequence.pool(user_h, seq_gaps, seq_mask, candidate, user_index)  # (B, D)
             parts.append(user.unsqueeze(1))
         return torch.cat(parts, 1)  # (B, K, D)
+
+    def forward_encoded(
+        self,
+        sparse: torch.Tensor,
+        multi: dict[str, torch.Tensor],
+        dense: torch.Tensor,
+        user_h: torch.Tensor,
+        user_index: torch.Tensor | None,
+        seq_gaps: torch.Tensor,
+        seq_mask: torch.Tensor,
+        task_type: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``forward`` with the user's sequence already encoded (``encode_user``).
+
+        ``seq_gaps`` / ``seq_mask`` (B, L) describe the encoded events at request time: the
+        gaps drive the recency bias, the mask which positions of ``user_h`` are events.
+        """
+        fields = self.fields(
+            sparse, multi, dense, user_h, user_index, seq_gaps, seq_mask, task_type
+        )  # (B, K, D)
+        flat = fields.flatten(1)  # (B, K*D)
+        shared = self.bottom(flat)  # (B, H)
+        outs: list[torch.Tensor] = []
+        for backbone in self.backbones:
+            outs.append(backbone(fields, flat))  # (B, H)
+        fused = self.fusion(outs, shared, self.task_type_emb(task_type))  # (B, H)
+        per_task = self.experts(torch.cat([shared, fused], -1))  # T x (B, He)
+        return self.towers(per_task)  # {task: (B,)}
 
     def forward(
         self,
@@ -100,17 +148,10 @@ class UnirankModel(nn.Module):
         seq_mask: torch.Tensor,
         task_type: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        fields = self.fields(
-            sparse, multi, dense, seq_items, seq_types, seq_gaps, seq_mask, task_type
-        )  # (B, K, D)
-        flat = fields.flatten(1)  # (B, K*D)
-        shared = self.bottom(flat)  # (B, H)
-        outs: list[torch.Tensor] = []
-        for backbone in self.backbones:
-            outs.append(backbone(fields, flat))  # (B, H)
-        fused = self.fusion(outs, shared, self.task_type_emb(task_type))  # (B, H)
-        per_task = self.experts(torch.cat([shared, fused], -1))  # T x (B, He)
-        return self.towers(per_task)  # {task: (B,)}
+        user_h = self.encode_user(seq_items, seq_types, seq_gaps, seq_mask)  # (B, L, D)
+        return self.forward_encoded(
+            sparse, multi, dense, user_h, None, seq_gaps, seq_mask, task_type
+        )
 
 
 # --------------------------------------------------------------------------- builder

@@ -13,6 +13,7 @@ a fixed shape bucket, runs model.pt and calibrates: {task: np.ndarray (n,)}.
 """
 
 import copy
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,9 @@ PROCESSOR_FILE = "processor.json"
 CALIBRATORS_FILE = "calibrators.json"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
+# The TorchScript methods besides forward: encode a user's sequence once, score candidates
+# against an encoding (precomputed by ray_jobs.user_embeddings or computed per request).
+ENCODED_ENTRY_POINTS = ("encode_user", "forward_encoded")
 
 
 class UnknownTaskTypeError(ValueError):
@@ -53,6 +57,12 @@ class Predictor(nn.Module):
         self.model = model
         self.sigmoid_tasks = list(sigmoid_tasks)
 
+    def _probs(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, z in logits.items():
+            out[name] = torch.sigmoid(z) if name in self.sigmoid_tasks else z
+        return out
+
     def forward(
         self,
         sparse: torch.Tensor,
@@ -64,13 +74,39 @@ class Predictor(nn.Module):
         seq_mask: torch.Tensor,
         task_type: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        logits = self.model(
-            sparse, multi, dense, seq_items, seq_types, seq_gaps, seq_mask, task_type
+        return self._probs(
+            self.model(sparse, multi, dense, seq_items, seq_types, seq_gaps, seq_mask, task_type)
         )
-        out: dict[str, torch.Tensor] = {}
-        for name, z in logits.items():
-            out[name] = torch.sigmoid(z) if name in self.sigmoid_tasks else z
-        return out
+
+    @torch.jit.export
+    def encode_user(
+        self,
+        seq_items: torch.Tensor,
+        seq_types: torch.Tensor,
+        seq_gaps: torch.Tensor,
+        seq_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(U, L) sequences -> (U, L, D) encodings (UnirankModel.encode_user)."""
+        return self.model.encode_user(seq_items, seq_types, seq_gaps, seq_mask)
+
+    @torch.jit.export
+    def forward_encoded(
+        self,
+        sparse: torch.Tensor,
+        multi: dict[str, torch.Tensor],
+        dense: torch.Tensor,
+        user_h: torch.Tensor,
+        user_index: torch.Tensor,
+        seq_gaps: torch.Tensor,
+        seq_mask: torch.Tensor,
+        task_type: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Probabilities from encoded users: ``user_h`` (U, L, D), ``user_index`` (B,)."""
+        return self._probs(
+            self.model.forward_encoded(
+                sparse, multi, dense, user_h, user_index, seq_gaps, seq_mask, task_type
+            )
+        )
 
 
 def make_predictor(model: nn.Module, cfg: UnirankConfig, precision: str = "fp32") -> Predictor:
@@ -86,7 +122,7 @@ def script_predictor(model: nn.Module, cfg: UnirankConfig, precision: str = "fp3
     (loops over backbones / tasks, optional modules) that tracing would bake in silently.
     """
     scripted = torch.jit.script(make_predictor(model, cfg, precision))
-    return torch.jit.freeze(scripted)
+    return torch.jit.freeze(scripted, preserved_attrs=list(ENCODED_ENTRY_POINTS))
 
 
 def export(
@@ -114,10 +150,25 @@ def export(
         "tasks": task_names,
         "task_types": list(processor.layout.task_types),
         "shape_buckets": list(cfg.serve.shape_buckets),
+        "entry_points": ["forward", *ENCODED_ENTRY_POINTS],
+        "user_encoding": user_encoding_spec(model),
         "torch": torch.__version__,
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def user_encoding_spec(model: nn.Module) -> dict | None:
+    """Shape of one user's encoding, (max_len, dim), or None without a sequence encoder."""
+    seq = getattr(model, "sequence", None)
+    if seq is None:
+        return None
+    return {"max_len": int(seq.pos_emb.num_embeddings), "dim": int(seq.dim)}
+
+
+def model_digest(path: str | Path) -> str:
+    """Short digest of an export's TorchScript file: which model produced an encoding."""
+    return hashlib.sha256((Path(path) / MODEL_FILE).read_bytes()).hexdigest()[:12]
 
 
 class LoadedPredictor:
@@ -143,6 +194,91 @@ class LoadedPredictor:
             cuda_graphs_unavailable_reason(self.device) if cuda_graphs else "disabled by caller"
         )
         self._graphs: dict[int, CudaGraphRunner] = {}
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        # Exports older than the split (or without a sequence encoder) score raw sequences only.
+        self.user_encoding: dict | None = manifest.get("user_encoding")
+        self.supports_encoding = self.user_encoding is not None and all(
+            hasattr(self.module, m) for m in ENCODED_ENTRY_POINTS
+        )
+        self.digest = model_digest(path)
+
+    def _require_encoding(self) -> None:
+        if not self.supports_encoding:
+            raise ValueError(
+                f"export {self.path} has no user-encoding entry points {ENCODED_ENTRY_POINTS} "
+                f"(exported before they existed, or the model has no sequence encoder); "
+                f"re-export it with model.export.export"
+            )
+
+    def encode(self, columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+        """Encode one user per row: ``seq_*`` columns and the ``event_time`` to measure the
+        events' age from. Returns (encodings (U, L, D) float32, mask (U, L) bool): the
+        encoding of a real event is where the mask is True (left padding, newest last)."""
+        self._require_encoding()
+        batch = self.processor(columns)
+        with torch.inference_mode():
+            h = self.module.encode_user(
+                batch.seq_items.to(self.device),
+                batch.seq_types.to(self.device),
+                batch.seq_gaps.to(self.device),
+                batch.seq_mask.to(self.device),
+            )
+        return h.float().cpu().numpy(), batch.seq_mask.numpy()
+
+    def run_encoded(
+        self, batch: Batch, user_h: np.ndarray, user_index: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Uncalibrated outputs of ``batch`` against encoded users: ``user_h`` (U, L, D) from
+        ``encode`` (or precomputed), ``user_index`` (n,) the row of ``user_h`` per example.
+        The batch's ``seq_gaps`` / ``seq_mask`` must describe the encoded events."""
+        self._require_encoding()
+        n, length = len(batch), batch.seq_mask.shape[1]
+        user_h = np.asarray(user_h, dtype=np.float32)
+        user_index = np.asarray(user_index, dtype=np.int64)
+        if user_h.ndim != 3 or user_h.shape[1] != length:
+            raise ValueError(f"user encodings must be (U, {length}, D), got {user_h.shape}")
+        if user_index.shape != (n,) or (
+            n and not 0 <= user_index.min() <= user_index.max() < len(user_h)
+        ):
+            raise ValueError(
+                f"user_index must be {n} rows of [0, {len(user_h)}), got shape {user_index.shape}"
+            )  # fmt: skip
+        size = shape_bucket(n, self.shape_buckets)
+        padded = pad_batch(batch, size).to(self.device)
+        index = torch.zeros(size, dtype=torch.int64)
+        index[:n] = torch.from_numpy(user_index)
+        with torch.inference_mode():
+            out = self.module.forward_encoded(
+                padded.sparse,
+                padded.multi,
+                padded.dense,
+                torch.from_numpy(user_h).to(self.device),
+                index.to(self.device),
+                padded.seq_gaps,
+                padded.seq_mask,
+                padded.task_type,
+            )
+        return {t: v[:n].float().cpu().numpy() for t, v in out.items()}
+
+    def predict_encoded(
+        self,
+        columns: Columns,
+        user_h: np.ndarray,
+        user_index: np.ndarray,
+        allow_unknown_task_type: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """``predict`` with the users' sequences already encoded (see ``run_encoded``)."""
+        batch = self._checked_batch(columns, allow_unknown_task_type)
+        raw = self.run_encoded(batch, user_h, user_index)
+        names = self.task_types[batch.task_type.numpy()]
+        return self.calibrators.apply(raw, names)
+
+    def _checked_batch(self, columns: Columns, allow_unknown_task_type: bool) -> Batch:
+        if not allow_unknown_task_type:
+            unknown = self.processor.unknown_task_types(columns)
+            if unknown:
+                raise UnknownTaskTypeError(unknown, self.cfg.dataset.task_types)
+        return self.processor(columns)
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """Uncalibrated outputs for a Batch, padded to its shape bucket and cut back."""
@@ -164,11 +300,7 @@ class LoadedPredictor:
         Raises UnknownTaskTypeError (a ValueError) for task_types the model does not know,
         unless ``allow_unknown_task_type`` (they are then scored as task_type 0).
         """
-        if not allow_unknown_task_type:
-            unknown = self.processor.unknown_task_types(columns)
-            if unknown:
-                raise UnknownTaskTypeError(unknown, self.cfg.dataset.task_types)
-        batch = self.processor(columns)
+        batch = self._checked_batch(columns, allow_unknown_task_type)
         raw = self.run(batch)
         names = self.task_types[batch.task_type.numpy()]  # (n,) task_type names
         return self.calibrators.apply(raw, names)

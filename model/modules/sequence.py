@@ -10,6 +10,10 @@ Why the pieces:
 * candidate-aware pooling (DIN-style): the candidate item's embedding is the query, so the
   user vector depends on which of the user's events are relevant to this candidate.
 
+Two halves: ``encode`` (the transformer, candidate-independent: once per user, or
+precomputed offline) and ``pool`` (target attention + recency, per candidate, online).
+``forward`` is ``pool(encode(...))``.
+
 Padding never changes the output: real queries attend to real keys only, padded positions
 get zero pooling weight, and a sequence with no events pools to exactly zero (never NaN).
 """
@@ -74,14 +78,19 @@ class SequenceEncoder(nn.Module):
             with torch.no_grad():  # prior: newer is more relevant; learning may overrule it
                 self.recency.weight.copy_(torch.linspace(0.0, -2.0, time_buckets).unsqueeze(-1))
 
-    def forward(
+    def encode(
         self,
         items: torch.Tensor,  # (B, L, D) item embeddings (shared item table)
         types: torch.Tensor,  # (B, L) long
         gaps: torch.Tensor,  # (B, L) float seconds
         mask: torch.Tensor,  # (B, L) bool, True = real event
-        candidate: torch.Tensor,  # (B, D) candidate item embedding
-    ) -> torch.Tensor:  # (B, D) user vector
+    ) -> torch.Tensor:  # (B, L, D) contextualised events
+        """The expensive, candidate-independent half: the transformer over the events.
+
+        Depends on the user's events and on ``gaps`` (their age at encoding time) only, so it
+        can be computed once per user (per request, or offline by ray_jobs.user_embeddings)
+        and reused for every candidate.
+        """
         length = mask.shape[1]
         bucket = self.time_buckets(gaps)  # (B, L)
         pos = torch.arange(length - 1, -1, -1, device=items.device)  # (L,) distance from newest
@@ -91,15 +100,41 @@ class SequenceEncoder(nn.Module):
         # outputs are garbage but never read: real queries cannot see them, pooling drops them.
         eye = torch.eye(length, dtype=torch.bool, device=mask.device)  # (L, L)
         allowed = (mask.unsqueeze(1) | eye).unsqueeze(1)  # (B, 1, L, L)
-        h = self.norm(self.stack(x, allowed))  # (B, L, D)
+        return self.norm(self.stack(x, allowed))  # (B, L, D)
 
+    def pool(
+        self,
+        h: torch.Tensor,  # (U, L, D) from encode(), one row per user
+        gaps: torch.Tensor,  # (B, L) float seconds, age of each event *now*
+        mask: torch.Tensor,  # (B, L) bool, True = real event
+        candidate: torch.Tensor,  # (B, D) candidate item embedding
+        user_index: torch.Tensor | None = None,  # (B,) long: row of ``h`` per candidate row
+    ) -> torch.Tensor:  # (B, D) user vector
+        """The cheap, candidate-aware half: recency-biased target attention over ``h``.
+
+        Runs online: the recency bias uses the events' age at request time, and the
+        candidate is the query. ``user_index`` None: ``h`` already has one row per candidate.
+        """
         if not self.candidate_attention:
             candidate = torch.zeros_like(candidate)
         q = self.query(candidate)  # (B, D)
-        scores = (self.key(h) * q.unsqueeze(1)).sum(-1) / math.sqrt(self.dim)  # (B, L)
+        keys = self.key(h)  # (U, L, D): once per user, not per candidate
+        if user_index is not None:
+            keys, h = keys[user_index], h[user_index]  # (B, L, D)
+        scores = (keys * q.unsqueeze(1)).sum(-1) / math.sqrt(self.dim)  # (B, L)
         if self.recency is not None:
-            scores = scores + self.recency(bucket).squeeze(-1)
+            scores = scores + self.recency(self.time_buckets(gaps)).squeeze(-1)
         scores = scores.float().masked_fill(~mask, -1e4)
         w = torch.softmax(scores, dim=-1) * mask.float()  # (B, L), exactly 0 on padding
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-6)  # all-padding row -> all zeros
         return (w.unsqueeze(-1) * h).sum(1)  # (B, D)
+
+    def forward(
+        self,
+        items: torch.Tensor,  # (B, L, D) item embeddings (shared item table)
+        types: torch.Tensor,  # (B, L) long
+        gaps: torch.Tensor,  # (B, L) float seconds
+        mask: torch.Tensor,  # (B, L) bool, True = real event
+        candidate: torch.Tensor,  # (B, D) candidate item embedding
+    ) -> torch.Tensor:  # (B, D) user vector
+        return self.pool(self.encode(items, types, gaps, mask), gaps, mask, candidate)
