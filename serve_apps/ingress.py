@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
-from serve_apps.feature_store import Events, make_store, now_s
+from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
 from serve_apps.retrieval import RetrievalIndex
 from serve_apps.rows import CANDIDATE_COLUMNS, RankInput
@@ -314,6 +314,14 @@ class UseCaseIngress:
                     422, f"{need[0]} is required by the {uc.retrieval} retrieval", need[0]
                 )
 
+    async def _user_encoding(self, user_id: int) -> Encoding | None:
+        try:
+            return await asyncio.wait_for(self.store.get_encoding(user_id), STORE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - encode on the fly rather than fail
+            self.metrics.inc("unirank_errors", kind="feature_store")
+            logger.warning("task_type=%s feature store encoding read failed", self.uc.name)
+            return None
+
     async def _user_events(self, user_id: int) -> Events:
         try:
             return await asyncio.wait_for(
@@ -367,7 +375,9 @@ class UseCaseIngress:
     async def _rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
         uc = self.uc
         self._validate(req)
-        events = await self._user_events(req.user_id)
+        events, encoding = await asyncio.gather(
+            self._user_events(req.user_id), self._user_encoding(req.user_id)
+        )
         key = cache_key(req, events)
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
@@ -390,9 +400,14 @@ class UseCaseIngress:
         rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
 
-        fallback = None
+        fallback, precomputed = None, False
         if len(slate):
             now = now_s()
+            # A stored encoding counts only when fresher than the use-case's limit and no
+            # event arrived after it; else the ranker encodes the events on the fly.
+            status = "missing"
+            if encoding is not None:
+                status = encoding.status(now, uc.feature_freshness_s, events)
             inp = RankInput(
                 task_type=uc.name,
                 now=now,
@@ -404,10 +419,13 @@ class UseCaseIngress:
                 device=req.context.device,
                 hour=req.context.hour if req.context.hour is not None else (now % 86400) // 3600,
                 surface=req.context.surface,
+                encoding=encoding if status == "fresh" else None,
+                encoding_status=status,
             )
             try:
                 out = await self._call_ranker(inp)
-                probs = {k: v for k, v in out.items() if k != "__score__"}
+                precomputed = str(out.get("__encoding__", "")) == "precomputed"
+                probs = {k: v for k, v in out.items() if not k.startswith("__")}
                 slate = sort_by_score(with_scores(slate, out["__score__"], probs))
             except (TimeoutError, _RankerFailed) as exc:
                 reason = "timeout" if isinstance(exc, TimeoutError) else "model_error"
@@ -437,6 +455,7 @@ class UseCaseIngress:
             items=_items(slate),
             num_candidates=num_candidates,
             fallback=fallback,
+            used_precomputed_encoding=precomputed,
         ).model_dump()
         if fallback is None:
             self.cache.put(key, resp)

@@ -26,6 +26,11 @@ METRICS = {
     "unirank_candidates": ("histogram", "Candidates scored per request", ()),
     "unirank_model_batch_rows": ("histogram", "Rows per batched model call", ()),
     "unirank_model_latency_ms": ("histogram", "Batched model call latency", ()),
+    "unirank_user_encoding": (
+        "counter",
+        "User-sequence encodings: precomputed (feature store) or on_the_fly, and why",
+        ("source", "reason"),
+    ),
 }
 _BOUNDARIES = {
     "unirank_request_latency_ms": LATENCY_MS_BUCKETS,

@@ -15,6 +15,7 @@ or bf16, which is slow on CPUs without bf16 units — on CPU).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -25,12 +26,14 @@ from ray import serve
 from model.config import ConfigError
 from model.export import load_predictor
 from serve_apps.deploy_config import RANKER_DEPLOYMENT
+from serve_apps.feature_store import Encoding, Events
 from serve_apps.metrics import ServingMetrics
 from serve_apps.model_store import model_version, resolve_model_dir
 from serve_apps.rows import RankInput, split, to_columns
 from serve_apps.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
+PRECOMPUTED, ON_THE_FLY = "precomputed", "on_the_fly"  # unirank_user_encoding{source}
 
 
 def pick_device(setting: str, num_gpus: float) -> str:
@@ -85,11 +88,74 @@ class ModelScorer:
             self.score([example] * reps)
 
     def score(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
+        """Probabilities + ``__score__`` per input, and ``__encoding__`` /
+        ``__encoding_reason__``: whether its user encoding was precomputed or computed here."""
         cols = to_columns(inputs)
-        probs = self.predictor.predict(cols)  # {task: (n,)} calibrated
+        if self.predictor.supports_encoding:
+            probs, sources = self._predict_encoded(inputs)
+        else:  # an export from before the encode_user / forward_encoded split
+            probs = self.predictor.predict(cols)  # {task: (n,)} calibrated
+            sources = [(ON_THE_FLY, "unsupported")] * len(inputs)
         probs = {t: np.asarray(v, dtype=np.float64) for t, v in probs.items()}
         probs["__score__"] = ranking_score(probs, self.weights)
-        return split(probs, [len(x) for x in inputs])
+        out = split(probs, [len(x) for x in inputs])
+        for o, (source, reason) in zip(out, sources, strict=True):
+            o["__encoding__"] = np.asarray(source)
+            o["__encoding_reason__"] = np.asarray(reason)
+        return out
+
+    def encoding_problem(self, enc: Encoding) -> str | None:
+        """Why this model cannot use a stored encoding, or None when it can."""
+        spec = self.predictor.user_encoding or {}
+        if enc.model != self.predictor.digest:
+            return "model_mismatch"  # computed by another model version
+        v, ts = enc.vector, enc.event_ts
+        if v.ndim != 2 or v.shape[1] != spec.get("dim") or len(v) > spec.get("max_len", 0):
+            return "malformed"
+        if ts is None or len(ts) != len(v):
+            return "malformed"
+        return None
+
+    def _predict_encoded(self, inputs: list[RankInput]):
+        """Encode each on-the-fly user once (not once per candidate), take the others'
+        encodings from the store, and score every candidate against its user's encoding."""
+        spec = self.predictor.user_encoding
+        length, dim = spec["max_len"], spec["dim"]
+        sources: list[tuple[str, str]] = []
+        rows: list[RankInput] = []
+        user_h = np.zeros((len(inputs), length, dim), dtype=np.float32)  # (U, L, D)
+        fly = []
+        for u, inp in enumerate(inputs):
+            enc, reason = inp.encoding, inp.encoding_status
+            problem = self.encoding_problem(enc) if enc is not None else reason
+            if enc is not None and problem is None:
+                n = len(enc.vector)
+                if n:
+                    user_h[u, length - n :] = enc.vector  # left padding, newest last
+                # The rows describe the encoded events (their age now drives the recency
+                # bias), not the store's events: the encoding may know more history.
+                z = np.zeros(n, np.int64)
+                inp = dataclasses.replace(inp, events=Events(z, z, np.asarray(enc.event_ts)))
+                sources.append((PRECOMPUTED, "fresh"))
+            else:
+                fly.append(u)
+                sources.append((ON_THE_FLY, problem or "missing"))
+            rows.append(inp)
+        if fly:
+            h, _ = self.predictor.encode(user_sequences([inputs[u] for u in fly]))
+            user_h[fly] = h
+        index = np.repeat(np.arange(len(inputs)), [len(x) for x in inputs])  # (n,)
+        return self.predictor.predict_encoded(to_columns(rows), user_h, index), sources
+
+
+def user_sequences(inputs: list[RankInput]) -> dict[str, object]:
+    """One row per input: its events and the request time (what ``encode`` needs)."""
+    return {
+        "event_time": np.asarray([x.now for x in inputs], dtype=np.int64),
+        "seq_item_ids": [x.events.item_ids for x in inputs],
+        "seq_event_types": [x.events.event_types for x in inputs],
+        "seq_timestamps": [x.events.timestamps for x in inputs],
+    }
 
 
 @serve.deployment(name=RANKER_DEPLOYMENT)
@@ -129,6 +195,12 @@ class Ranker:
         # The forward pass is CPU-bound: off the event loop, so health checks still answer.
         out = await asyncio.to_thread(self.scorer.score, inputs)
         self.metrics.observe("unirank_model_latency_ms", (time.perf_counter() - t0) * 1e3)
+        for o in out:
+            self.metrics.inc(
+                "unirank_user_encoding",
+                source=str(o["__encoding__"]),
+                reason=str(o["__encoding_reason__"]),
+            )
         self.metrics.observe("unirank_model_batch_rows", sum(len(x) for x in inputs))
         return out
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve_apps.feature_store import Events
+from serve_apps.feature_store import Encoding, Events
 
 CANDIDATE_COLUMNS = (
     "item_id",
@@ -38,6 +38,10 @@ class RankInput:
     device: int = 0
     hour: int = 0
     surface: int = 0
+    # The user's precomputed sequence encoding when the ingress found a fresh one, else None
+    # and why not (``missing`` / ``stale`` / ``outdated``): the ranker encodes on the fly.
+    encoding: Encoding | None = None
+    encoding_status: str = "missing"
 
     def __len__(self) -> int:
         return len(self.candidates["item_id"])

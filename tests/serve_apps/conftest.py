@@ -1,13 +1,9 @@
-"""Serving fixtures: a real redis-server, an exported (untrained) model with its retrieval
-index, and a small serving config."""
+"""Serving fixtures: an exported (untrained) model with its retrieval index and a small
+serving config (the real redis-server, ``redis_url``, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -47,36 +43,6 @@ def serving_config(*overrides: str) -> UnirankConfig:
 def serving_cfg():
     """``serving_config(*overrides)`` and a free port, for modules that deploy."""
     return serving_config, free_port
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server on 127.0.0.1 (UNIRANK_TEST_REDIS_URL when CI started one)."""
-    url = os.environ.get("UNIRANK_TEST_REDIS_URL")
-    if url:
-        yield url
-        return
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: apt-get install -y redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"redis-server did not start on port {port}")
-        time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

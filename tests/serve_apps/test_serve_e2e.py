@@ -6,6 +6,7 @@ test modules keep the cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ray import serve
 from model.config import UnirankConfig, UseCaseConfig
 from model.export import load_predictor
 from serve_apps.deploy_config import RANKER_DEPLOYMENT, build_serve_config, load_use_cases
+from serve_apps.feature_store import encoding_from, write_encodings
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
 from serve_apps.run import deploy, example_request
 
@@ -312,6 +314,72 @@ def test_served_scores_equal_the_offline_predictor(served):
     got = {it["item_id"]: it["score"] for it in out["items"]}
     for i, item in enumerate([7, 8, 10]):
         assert got[item] == pytest.approx(float(expected[i]), abs=1e-5)
+
+
+def bucket_middle_ages(cfg: UnirankConfig, buckets: list[int]) -> list[int]:
+    """Event ages (s) in the geometric middle of time buckets: a minute of test time cannot
+    move them to another bucket, so encodings computed a little earlier are exact."""
+    from model.modules.sequence import TimeBuckets
+
+    edges = TimeBuckets(cfg.model.sequence.time_buckets).edges.double().numpy()
+    return [int(np.sqrt(edges[b - 1] * edges[b])) for b in buckets]
+
+
+def test_precomputed_user_encoding_used_only_when_fresh(served):
+    """Fresh encoding (written by the batch job's encoder) -> used, same scores as on the fly;
+    stale, outdated by a newer event, or from another model -> encoded on the fly."""
+    from ray_jobs.user_embeddings import UserEncoder
+
+    user, now = new_user(), int(time.time())
+    ages = bucket_middle_ages(served.cfg, [9, 7, 5])
+    history = [(41, 1, now - ages[0]), (42, 2, now - ages[1]), (43, 1, now - ages[2])]
+    url = served.urls["notifications"]  # cache_ttl_s 0: every request is scored
+    for item, etype, ts in history:
+        served.client.post(
+            url + "/events",
+            json={"user_id": user, "item_id": item, "event_type": etype, "timestamp": ts},
+        )
+    body = {"user_id": user, "candidates": [{"item_id": i} for i in (7, 8, 10, 12)]}
+
+    def scores() -> tuple[bool, dict[int, float]]:
+        out = served.rank("notifications", body).json()
+        assert out["fallback"] is None, out
+        return out["used_precomputed_encoding"], {i["item_id"]: i["score"] for i in out["items"]}
+
+    def job_writes(computed_at: float) -> None:
+        seq = pa.table(
+            {
+                "user_id": [user],
+                "seq_item_ids": [[h[0] for h in history]],
+                "seq_event_types": [[h[1] for h in history]],
+                "seq_timestamps": [[h[2] for h in history]],
+            }
+        )
+        cfg = served.cfg.model_dump(mode="json")
+        UserEncoder(cfg, str(served.model_dir), computed_at, served.redis_url)(seq)
+
+    used, on_the_fly = scores()
+    assert not used
+    job_writes(time.time())
+    used, pre = scores()
+    assert used and pre.keys() == on_the_fly.keys()
+    for item, score in pre.items():
+        assert score == pytest.approx(on_the_fly[item], abs=1e-5)
+
+    freshness = served.use_cases["notifications"].feature_freshness_s
+    job_writes(time.time() - freshness - 60)  # stale
+    assert scores() == (False, pytest.approx(on_the_fly, abs=1e-6))
+
+    job_writes(time.time())
+    stored = redis.Redis.from_url(served.redis_url).hgetall(f"unirank:enc:{user}")
+    other = encoding_from(stored)
+    write_encodings(served.redis_url, [(user, dataclasses.replace(other, model="0123456789ab"))])
+    assert not scores()[0]  # computed by another model version
+    write_encodings(served.redis_url, [(user, other)])
+    assert scores()[0]
+    served.client.post(url + "/events", json={"user_id": user, "item_id": 44})  # newer event
+    used, after = scores()
+    assert not used and after.keys() == on_the_fly.keys()
 
 
 def test_autoscaling_and_replica_config_reach_serve(served):

@@ -185,6 +185,8 @@ def test_encoding_freshness():
     assert enc.usable(now=1500, freshness_s=600, events=ev)
     assert not enc.usable(now=2000, freshness_s=600, events=ev)  # too old
     assert not enc.usable(now=1500, freshness_s=600, events=Events.from_rows([(1, 1, 200)]))
+    assert enc.status(1500, 600, ev) == "fresh" and enc.status(2000, 600, ev) == "stale"
+    assert enc.status(1500, 600, Events.from_rows([(1, 1, 200)])) == "outdated"
 
 
 # --------------------------------------------------------------------------- rows and model
@@ -248,8 +250,9 @@ def test_scorer_checks_task_types_and_weights(exported):
     args = {"use_case": "ads", "model_uri": str(model_dir), "config": {**base, "use_cases": [ok]}}
     scorer = ModelScorer(AppSettings.from_args(args))
     (out,) = scorer.score([warmup_input("ads", 5)])
-    probs = {k: v for k, v in out.items() if k != "__score__"}
+    probs = {k: v for k, v in out.items() if not k.startswith("__")}
     np.testing.assert_allclose(out["__score__"], probs["click"] + 2 * probs["checkout"])
+    assert (str(out["__encoding__"]), str(out["__encoding_reason__"])) == ("on_the_fly", "missing")
     np.testing.assert_allclose(ranking_score(probs, {"click": 1.0}), probs["click"])
     assert "CUDA Graphs skipped" in scorer.version["cuda_graphs"]
 
