@@ -447,6 +447,20 @@ class ServeConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
 
 
+class UserEmbeddingsConfig(_Strict):
+    """ray_jobs.user_embeddings: precompute the sequence encodings of active users."""
+
+    input: list[str] = Field(default_factory=list)  # prepared parquet; [] = dataset splits
+    output: str = "out/user_embeddings"  # parquet copy of what was written (inspectable)
+    model_uri: str | None = None  # exported dir or models:/...; None = serve.model_uri
+    lookback_s: float = Field(default=7 * 86400.0, gt=0)  # active = an event this recent
+    as_of: int | None = None  # unix s, end of the activity window; None = now
+    batch_size: int = Field(default=256, ge=1)  # users per encoder call
+    num_actors: int = Field(default=1, ge=1)
+    actor_cpus: float = Field(default=0.5, gt=0)
+    ttl_s: float | None = Field(default=7 * 86400.0, gt=0)  # Redis key expiry; None = never
+
+
 class UnirankConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -459,6 +473,7 @@ class UnirankConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    user_embeddings: UserEmbeddingsConfig = Field(default_factory=UserEmbeddingsConfig)
     use_cases: list[UseCaseConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
