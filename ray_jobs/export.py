@@ -5,7 +5,8 @@ only when the new version wins.
 
 1. Load the run's best weights, fit calibrators on validation (``evaluate.calibration``).
 2. ``model.export.export`` -> the serving directory (TorchScript, calibrators, processor
-   statistics, resolved config); reload it with ``load_predictor`` and score
+   statistics, resolved config) plus the candidate retrieval index built from
+   ``dataset.train`` (``retrieval.npz``: Serve finds it next to the model); reload it with ``load_predictor`` and score
    ``evaluate.split`` through it, so the number that decides is the exported artifact's.
 3. Log it as an MLflow pyfunc model in the run's MLflow run with artifacts ``serving/`` (the
    export directory) and ``training/`` (eager weights for ``train.init_from=champion``), a
@@ -30,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.config import UnirankConfig
+from model.export import MANIFEST_FILE, load_predictor
 from model.export import export as export_dir
-from model.export import load_predictor
 from model.registry import (
     SERVING_ARTIFACT,
     TRAINING_ARTIFACT,
@@ -96,6 +97,28 @@ def input_example(cfg: UnirankConfig, columns: list[str], rows: int = 5) -> pd.D
     return pd.DataFrame(out)
 
 
+# --------------------------------------------------------------------------- retrieval index
+
+
+def add_retrieval_index(serving: Path, cfg: UnirankConfig) -> dict:
+    """Build the candidate retrieval index from the training split (``dataset.train``) into
+    the serving directory, so the registered model carries its catalogue: Serve loading the
+    model by alias finds ``retrieval.npz`` next to model.pt. Recorded in manifest.json."""
+    import pyarrow.dataset as pads
+
+    from serve_apps.retrieval import INDEX_COLUMNS, INDEX_FILE, build_index
+
+    fs, files = list_parquet(cfg.dataset.train, cfg.storage)
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=INDEX_COLUMNS)
+    index = build_index(table, serving / INDEX_FILE)
+    manifest = json.loads((serving / MANIFEST_FILE).read_text())
+    manifest["files"] = [*manifest["files"], INDEX_FILE]
+    info = {"file": INDEX_FILE, "items": len(index), "source": list(cfg.dataset.train)}
+    manifest["retrieval_index"] = info
+    (serving / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return info
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -137,6 +160,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
         serving = export_dir(
             Path(tmp) / SERVING_ARTIFACT, trained.model, proc, trained.cfg, calibrators
         )
+        index_info = add_retrieval_index(serving, cfg)
         training = Path(tmp) / TRAINING_ARTIFACT
         training.mkdir()
         ckpt = fetch_checkpoint(trained.checkpoint)
@@ -197,6 +221,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
         "model_uri": f"models:/{m.registered_model}/{version}",
         "champion_uri": model_uri_for(m.registered_model, m.champion_alias),
         "serving_artifact": f"artifacts/{SERVING_ARTIFACT}",
+        "retrieval_index": index_info,
         "objective": new_objective,
         "objective_split": split,
         "champion_before": None

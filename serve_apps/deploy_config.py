@@ -116,8 +116,8 @@ def build_serve_config(
     ``model_uri`` defaults to ``cfg.serve.model_uri``. With ``config_path`` the applications
     read the resolved config from that file (the RayService mounts it from a ConfigMap);
     without it the resolved config travels inline in the application args.
-    ``retrieval_index`` overrides where the apps load the candidate indices from (default:
-    ``retrieval.npz`` in the exported model directory).
+    ``retrieval_index``: where the apps load the candidate indices from when the exported
+    model directory has no ``retrieval.npz`` of its own (ray_jobs.export writes one).
     """
     if not use_cases:
         raise ConfigError("build_serve_config: no use-cases given")

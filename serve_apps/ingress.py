@@ -187,12 +187,21 @@ class UseCaseIngress:
 
     @staticmethod
     def _load_index(s: AppSettings) -> RetrievalIndex | None:
+        """The index the model was registered with (``<model dir>/retrieval.npz``, written by
+        ray_jobs.export) comes first, so candidates match the model's catalogue; the
+        ``retrieval_index`` arg serves models exported without one."""
         from serve_apps.model_store import resolve_model_dir
         from serve_apps.retrieval import INDEX_FILE, RetrievalError
 
-        path = s.retrieval_index
-        if path is None:
-            path = str(resolve_model_dir(s.model_uri, s.cfg) / INDEX_FILE)
+        inside = resolve_model_dir(s.model_uri, s.cfg) / INDEX_FILE
+        path = str(inside) if inside.is_file() or s.retrieval_index is None else s.retrieval_index
+        if s.retrieval_index is not None and path != s.retrieval_index:
+            logger.info(
+                "task_type=%s using the model's own %s, not retrieval_index=%s",
+                s.use_case.name,
+                inside,
+                s.retrieval_index,
+            )
         try:
             return RetrievalIndex.load(path)
         except RetrievalError:

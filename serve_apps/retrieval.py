@@ -32,7 +32,7 @@ import pyarrow.dataset as ds
 from model.schema import UNIFIED_SCHEMA
 
 INDEX_FILE = "retrieval.npz"
-_COLUMNS = [
+INDEX_COLUMNS = _COLUMNS = [
     "task_type",
     "item_id",
     "category_id",

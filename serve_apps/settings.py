@@ -5,7 +5,7 @@ RayService and in ``serve.run(build_app(args))``:
 
 - ``use_case`` (required), ``model_uri``, ``request_timeout_s``;
 - ``config`` (the resolved UnirankConfig inline) or ``config_path`` (a YAML file);
-- optional ``retrieval_index`` (default ``<model dir>/retrieval.npz``) and
+- optional ``retrieval_index`` (used when the model dir has no ``retrieval.npz``) and
   ``blocked_item_ids`` (a global blocklist for the ``blocked_items`` rule).
 """
 

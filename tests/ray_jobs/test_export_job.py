@@ -1,6 +1,7 @@
-"""ray_jobs.export: a registered version with serving/ + training/ artifacts, the champion
-rule (a worse model does not take the alias), loading by alias, and warm start from it."""
+"""ray_jobs.export: a registered version with serving/ (incl. its retrieval index) +
+training/ artifacts, the champion rule (a worse model does not take the alias), loading by alias, and warm start from it."""
 
+import json
 import shutil
 
 import mlflow
@@ -11,10 +12,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from model.ensemble import build_model
-from model.export import load_predictor
+from model.export import MANIFEST_FILE, load_predictor
 from model.registry import download_serving_dir, model_uri_for
 from ray_jobs import export, train
 from ray_jobs.evaluate import load_trained
+from serve_apps.ingress import UseCaseIngress
+from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
+from serve_apps.settings import AppSettings
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +50,25 @@ def test_register_champion_rule_load_by_alias_and_warm_start(
     probs = predictor.predict(pq.read_table(files[0]).slice(0, 50))
     assert set(probs) == {"click", "add_to_cart", "checkout", "engage"}
     assert all(((p >= 0) & (p <= 1)).all() and len(p) == 50 for p in probs.values())
+
+    # The registered model carries its retrieval index, built from the training split...
+    train_items = pq.read_table(smoke_data / "prepared" / "train", columns=["item_id"])
+    index = RetrievalIndex.load(serving / INDEX_FILE)
+    assert set(index.items.tolist()) == set(train_items["item_id"].to_pylist())
+    manifest = json.loads((serving / MANIFEST_FILE).read_text())
+    assert INDEX_FILE in manifest["files"] and manifest["retrieval_index"]["items"] == len(index)
+    assert first["retrieval_index"]["items"] == len(index)
+    # ...which an ingress loading the model by alias uses, ahead of a retrieval_index arg.
+    ads = {"name": "ads", "route_prefix": "/ads", "retrieval": "eligible_ads"}
+    args = {
+        "use_case": "ads",
+        "model_uri": model_uri_for(name, "champion"),
+        "config": {**cfg.model_dump(mode="json"), "use_cases": [ads]},
+        "retrieval_index": str(tmp_path / "missing.npz"),
+    }
+    loaded = UseCaseIngress.func_or_class._load_index(AppSettings.from_args(args))
+    np.testing.assert_array_equal(loaded.items, index.items)
+    np.testing.assert_array_equal(loaded.popularity, index.popularity)
 
     # A worse model (untrained weights in a copy of the checkpoint) does not take the alias.
     worse = tmp_path / "untrained" / "epoch_0001"
