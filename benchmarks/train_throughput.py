@@ -10,6 +10,8 @@ excluded) and the ratios:
   train split streamed by Ray Data (iter_torch_batches, FeatureProcessor collate, prefetch);
 * ``ray_train_2_workers``: the same with 2 DDP workers of 0.4 CPU each (fractional, so Ray
   Data's read tasks keep a free CPU on this 2-CPU cluster);
+* ``ray_train_1_worker_no_cache``: 1 worker with ``train.cache_datasets=false``: every epoch
+  streams the parquet again (what splits too large for the object store do);
 * ``plain_loop``: one process, the same split read into memory up front, the same
   FeatureProcessor, model, optimizer and batch size, no Ray at all.
 
@@ -60,10 +62,28 @@ def make_data(root: str, impressions: int) -> None:
     prepare(cfg)
 
 
-def steady_rows_per_s(result: train.TrainResult) -> float:
-    """Rows / training seconds over the epochs after the first (warm-up)."""
+def steady_rows_per_s(result: train.TrainResult, exclude_start: bool = False) -> float:
+    """Rows / training seconds over the epochs after the first (warm-up); with
+    ``exclude_start``, without each epoch's wait for its first batch (Ray Data pipeline
+    start-up, a fixed cost per epoch that long epochs amortize)."""
     hist = result.history[1:] or result.history
-    return sum(h["train/rows"] for h in hist) / sum(h["train/seconds"] for h in hist)
+    secs = sum(h["train/seconds"] - exclude_start * h["train/first_batch_s"] for h in hist)
+    return sum(h["train/rows"] for h in hist) / secs
+
+
+def stalls(result: train.TrainResult) -> dict:
+    hist = result.history[1:] or result.history
+    secs = sum(h["train/seconds"] for h in hist)
+    return {
+        "first_batch_s_per_epoch": round(
+            sum(h["train/first_batch_s"] for h in hist) / len(hist), 2
+        ),
+        "data_wait_share": round(sum(h["train/data_wait_s"] for h in hist) / secs, 3),
+        "validation_s_per_epoch": round(sum(h["val/seconds"] for h in hist) / len(hist), 2),
+        "train_plus_validation_s_per_epoch": round(
+            sum(h["train/seconds"] + h["val/seconds"] for h in hist) / len(hist), 2
+        ),
+    }
 
 
 def plain_loop(cfg, epochs: int) -> float:
@@ -134,10 +154,24 @@ def main() -> None:
             ),  # fmt: skip
             track=False,
         )
+        nocache = train.run(
+            load_config(
+                base,
+                [
+                    *common,
+                    "train.run_name=w1s",
+                    "train.num_workers=1",
+                    "train.cache_datasets=false",
+                ],
+            ),  # fmt: skip
+            track=False,
+        )
         plain = plain_loop(load_config(base, common), epochs)
         rows_per_epoch = one.history[-1]["train/rows"]
     ray.shutdown()
     r1, r2 = steady_rows_per_s(one), steady_rows_per_s(two)
+    r1_run = steady_rows_per_s(one, exclude_start=True)
+    r1_nocache = steady_rows_per_s(nocache)
     print(
         json.dumps(
             {
@@ -153,6 +187,13 @@ def main() -> None:
                 "plain_loop_rows_per_s": round(plain),
                 "ratio_1_worker_vs_plain": round(r1 / plain, 3),
                 "ratio_2_workers_vs_plain": round(r2 / plain, 3),
+                "ray_train_1_worker_rows_per_s_after_first_batch": round(r1_run),
+                "ratio_1_worker_after_first_batch_vs_plain": round(r1_run / plain, 3),
+                "ray_train_1_worker_no_cache_rows_per_s": round(r1_nocache),
+                "ratio_1_worker_no_cache_vs_plain": round(r1_nocache / plain, 3),
+                "ray_train_1_worker_stalls": stalls(one),
+                "ray_train_1_worker_no_cache_stalls": stalls(nocache),
+                "ray_train_2_workers_stalls": stalls(two),
             }
         )
     )

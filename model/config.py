@@ -365,6 +365,15 @@ class TrainConfig(_Strict):
     max_failures: int = Field(default=1, ge=0)
     init_from: str | None = None
     max_steps_per_epoch: int | None = Field(default=None, gt=0)
+    # Per epoch, the train split's files are read in a new random order (streaming, unlike a
+    # block shuffle that materializes the split first); rows are then mixed in a local buffer
+    # of this many rows on each worker (0: off).
+    shuffle_files: bool = True
+    shuffle_buffer_rows: int = Field(default=0, ge=0)
+    prefetch_batches: int = Field(default=4, ge=0)
+    # Keep the train / validation splits in Ray's object store after the first read, so an
+    # epoch starts without re-reading parquet: "auto" when they fit in a share of the store.
+    cache_datasets: bool | Literal["auto"] = "auto"
     seed: int = 17
 
 

@@ -111,8 +111,14 @@ def needed_columns(cfg: UnirankConfig) -> list[str]:
 
 
 def read_split(
-    cfg: UnirankConfig, split: str, validate: bool = True, extra: list[str] | None = None
+    cfg: UnirankConfig,
+    split: str,
+    validate: bool = True,
+    extra: list[str] | None = None,
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
+    """The split's parquet as a Ray Dataset of the columns the model needs. With
+    ``shuffle_seed``, every execution (epoch) reads the files in a new order."""
     uris = getattr(cfg.dataset, split)
     if not uris:
         raise ValueError(f"dataset.{split}: no locations configured")
@@ -124,7 +130,14 @@ def read_split(
     import pyarrow.parquet as pq
 
     present = set(pq.read_schema(files[0], filesystem=fs).names)
-    return read_parquet(uris, cfg.storage, columns=[c for c in cols if c in present])
+    shuffle = None
+    if shuffle_seed is not None:
+        from ray.data import FileShuffleConfig
+
+        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    return read_parquet(
+        uris, cfg.storage, columns=[c for c in cols if c in present], shuffle=shuffle
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -261,7 +274,14 @@ def make_trainer(
 def prepare_loop(cfg: UnirankConfig, mlflow_run_id: str | None = None):
     """Datasets, processor and the workers' TrainLoopConfig for a (possibly resumed) run."""
     t = cfg.train
-    train_ds, val_ds = read_split(cfg, "train"), read_split(cfg, "validation")
+    seed = t.seed if t.shuffle_files else None
+    train_ds = read_split(cfg, "train", shuffle_seed=seed)
+    val_ds = read_split(cfg, "validation")
+    if should_cache(cfg):
+        # Read once into the object store; every epoch then starts from memory, and the
+        # train blocks are shuffled in a new order per epoch (cheap: no data moves).
+        train_ds = train_ds.materialize().randomize_block_order(seed=None)
+        val_ds = val_ds.materialize()
     latest = latest_checkpoint(cfg)
     init = None
     if latest is not None:  # resume: keep the statistics the weights were trained with
@@ -280,8 +300,31 @@ def prepare_loop(cfg: UnirankConfig, mlflow_run_id: str | None = None):
         mlflow_run_id=mlflow_run_id,
         init_weights=ray.put(init[0]) if init is not None else None,
     )
-    # Time-ordered partitions: shuffle the block order each epoch.
-    return loop, {"train": train_ds.randomize_block_order(), "validation": val_ds}
+    return loop, {"train": train_ds, "validation": val_ds}
+
+
+# parquet bytes -> object-store bytes (decoded arrow; list columns of sequences inflate most)
+ARROW_EXPANSION = 4.0
+CACHE_SHARE = 0.3  # "auto" caches when the splits take at most this share of the store
+
+
+def should_cache(cfg: UnirankConfig) -> bool:
+    """train.cache_datasets: true / false, or auto = the train + validation splits (estimated
+    from their parquet sizes) fit in CACHE_SHARE of the cluster's object store."""
+    mode = cfg.train.cache_datasets
+    if mode != "auto":
+        return bool(mode)
+    total = 0
+    for split in ("train", "validation"):
+        fs, files = list_parquet(getattr(cfg.dataset, split), cfg.storage)
+        total += sum(i.size or 0 for i in fs.get_file_info(files))
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    fits = total * ARROW_EXPANSION <= CACHE_SHARE * store
+    log.info(
+        "dataset cache %s: %.1f MB of parquet (~%.0f MB in memory), object store %.0f MB",
+        "on" if fits else "off", total / 2**20, total * ARROW_EXPANSION / 2**20, store / 2**20,
+    )  # fmt: skip
+    return fits
 
 
 def finished_state(cfg: UnirankConfig) -> TrainState | None:

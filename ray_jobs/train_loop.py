@@ -175,14 +175,35 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def batches(
-    shard, processor: FeatureProcessor, batch_size: int, pin_memory: bool
+    shard,
+    processor: FeatureProcessor,
+    batch_size: int,
+    pin_memory: bool,
+    prefetch: int = 4,
+    shuffle_buffer_rows: int = 0,
+    seed: int | None = None,
 ) -> Iterator[Batch]:
     """One pass over a worker's shard as Batches; collate runs in Ray Data's prefetch thread."""
     return shard.iter_torch_batches(
         batch_size=batch_size,
         collate_fn=ProcessorCollate(processor, pin_memory),
-        prefetch_batches=4,
+        prefetch_batches=prefetch,
+        local_shuffle_buffer_size=shuffle_buffer_rows or None,
+        local_shuffle_seed=seed if shuffle_buffer_rows else None,
     )
+
+
+def timed(it: Iterator[Batch], waits: list[float]) -> Iterator[Batch]:
+    """``it``, appending to ``waits`` how long each batch was waited for (input stalls)."""
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        waits.append(time.perf_counter() - t0)
+        yield b
 
 
 # --------------------------------------------------------------------------- validation
@@ -396,7 +417,12 @@ def train_func(config: dict) -> None:
         # ---- train
         model.train()
         t0, rows, loss_sum, task_sums, n_steps = time.perf_counter(), 0, 0.0, {}, 0
-        for step, b in enumerate(batches(train_shard, processor, t.batch_size, on_gpu)):
+        waits: list[float] = []
+        shard_it = batches(
+            train_shard, processor, t.batch_size, on_gpu, t.prefetch_batches,
+            t.shuffle_buffer_rows, t.seed + 1000 * epoch + rank,
+        )  # fmt: skip
+        for step, b in enumerate(timed(shard_it, waits)):
             if t.max_steps_per_epoch is not None and step >= t.max_steps_per_epoch:
                 break
             b = b.to(device, non_blocking=True)
@@ -426,10 +452,11 @@ def train_func(config: dict) -> None:
         state.steps += n_steps
 
         # ---- validate (every rank its shard, then all-gather)
-        local = predict_shard(
-            model, batches(val_shard, processor, t.batch_size, on_gpu), device, amp
-        )
+        t_val = time.perf_counter()
+        val_it = batches(val_shard, processor, t.batch_size, on_gpu, t.prefetch_batches)
+        local = predict_shard(model, val_it, device, amp)
         metrics = validation_metrics(gather(local), processor)
+        val_s = time.perf_counter() - t_val
         objective = objective_value(metrics, weights)
         improved = objective > state.best_objective + 1e-6
         if improved:
@@ -448,6 +475,10 @@ def train_func(config: dict) -> None:
             "train/rows": rows * world,
             "train/rows_per_s": rows * world / max(train_s, 1e-9),
             "train/seconds": train_s,
+            # input stalls: waiting for the first batch (pipeline start) and for the rest
+            "train/first_batch_s": waits[0] if waits else 0.0,
+            "train/data_wait_s": sum(waits[1:]),
+            "val/seconds": val_s,
             "lr": sched.get_last_lr()[0],
             "val/objective": objective if math.isfinite(objective) else float("nan"),
             **flat_metrics("val", metrics),
