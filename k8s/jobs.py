@@ -32,6 +32,11 @@ JOBS: dict[str, Job] = {
         Job("evaluate", "ray_jobs.evaluate", "per task x task_type metrics vs baselines"),
         Job("tune", "tuning.search", "Ray Tune search over fusion / loss weights"),
         Job("export", "ray_jobs.export", "export and register the model in MLflow"),
+        Job(
+            "user-embeddings",
+            "ray_jobs.user_embeddings",
+            "precompute active users' sequence encodings into the feature store",
+        ),
     )
 }
 
