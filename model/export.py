@@ -2,11 +2,15 @@
 
 An exported directory is self-contained:
 
-    model.pt           TorchScript predictor: fixed-shape padded tensors -> probabilities
+    model.pt           TorchScript predictor: fixed-shape padded tensors -> probabilities;
+                       also ``encode_user`` (a user's sequence -> (L, D) encoding) and
+                       ``forward_encoded`` (candidates scored against given encodings)
     processor.json     FeatureProcessor statistics (model.features)
     calibrators.json   per-task calibrators (model.calibration), applied right after model.pt
     config.yaml        the resolved UnirankConfig the model was trained with
-    manifest.json      file list, precision, tasks, shape buckets, torch version
+    manifest.json      file list, precision, tasks, shape buckets, entry points, the user
+                       encoding's shape, torch version
+    retrieval.npz      (registered models) the candidate retrieval index, ray_jobs.export
 
 ``load_predictor(dir).predict(columns)`` runs the same FeatureProcessor as training, pads to
 a fixed shape bucket, runs model.pt and calibrates: {task: np.ndarray (n,)}.

@@ -6,7 +6,8 @@ Two backends behind one async interface (``serve.feature_store``):
   each application (and each replica) sees the events posted to it. For local runs and tests.
 - ``redis`` (``serve.redis_url``): one list per user (``unirank:ev:<user>``, newest last,
   trimmed to ``keep`` events) and one hash per user for the precomputed encoding
-  (``unirank:enc:<user>``). Shared by every application and replica.
+  (``unirank:enc:<user>``: vector, shape, event_ts, computed_at, last_event_ts, model; written
+  by ray_jobs.user_embeddings). Shared by every application and replica.
 
 Events are ``(item_id, event_type, timestamp_s)``; ``recent(user, n)`` returns the newest
 ``n``, oldest first — the order of the model's ``seq_*`` columns.
