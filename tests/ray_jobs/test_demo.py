@@ -23,32 +23,57 @@ def test_readme_commands_are_the_make_targets():
 
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    out = tmp_path / "raw"
+    """Every step of `make demo`, on the tiny training recipe: generate -> prepare -> train ->
+    evaluate -> register -> search -> serve."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "ray_jobs.demo",
-            "configs/smoke.yaml",
-            f"generate.output={out}",
+            "configs/train_smoke.yaml",
+            f"generate.output={tmp_path / 'raw'}",
             f"prepare.output={tmp_path / 'prepared'}",
             "generate.num_impressions=6000",
+            "dataset.train=[]",
+            "dataset.validation=[]",
+            "dataset.test=[]",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.max_steps_per_epoch=8",
+            "evaluate.bootstrap=0",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tune.storage_path={tmp_path / 'tune'}",
+            "tune.num_samples=2",
         ],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "generate: 6000 impressions" in proc.stdout
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    assert "[1/8] generate: 6000 impressions" in out
     for tt in ("ads", "notifications", "related_items", "search", "category"):
-        assert re.search(rf"^{tt}\s+\d+\s+.*click=0\.\d+", proc.stdout, re.M), tt
-    assert (out / "summary.json").exists()
-    assert "prepare: 6000 rows in" in proc.stdout
-    assert (tmp_path / "prepared" / "reports" / "summary.json").exists()
+        assert re.search(rf"^{tt}\s+\d+\s+.*click=0\.\d+", out, re.M), tt
+    assert (tmp_path / "raw" / "summary.json").exists()
+    assert "prepare: 6000 rows in" in out
     assert list((tmp_path / "prepared" / "train").rglob("*.parquet"))
+    assert re.search(r"\[4/8\] train: run smoke: 2 epochs, best objective 0\.\d+", out)
+    assert list((tmp_path / "runs" / "smoke").glob("epoch_0002/state.json"))
+    assert re.search(r"\[5/8\] evaluate: ", out)
+    assert re.search(r"^  checkout\s+ads\s+n=\d+\s+auc 0\.\d+", out, re.M)
+    assert (tmp_path / "runs" / "smoke" / "eval" / "report.json").exists()
+    assert "[6/8] register: registered unirank v1" in out and "first version -> @champion" in out
+    # the search's best trial is registered as v2 through the champion rule
+    assert re.search(r"search unirank_search: 2 trials", out)
+    assert re.search(r"registered models:/unirank/2: (promoted to champion|champion kept)", out)
+    assert (tmp_path / "tune" / "unirank_search" / "results" / "trials.csv").exists()
+    assert "[8/8] serve: every use-case on Ray Serve with models:/unirank@champion" in out
+    for tt in ("ads", "notifications", "related_items", "search", "category"):
+        m = re.search(rf"^  {tt}\s+(\d+) items, top: .* fallback=None$", out, re.M)
+        assert m and int(m.group(1)) > 0, (tt, out[-3000:])
+    assert "demo finished" in out
 
 
 def test_bad_override_fails_fast_naming_the_field():

@@ -104,25 +104,22 @@ def _ray(env, *args, timeout=60) -> subprocess.CompletedProcess:
     )
 
 
-def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server, train_args):
-    address, env = ray_head
-    run_name = f"submitted-{uuid.uuid4().hex[:6]}"
-    overrides = train_args(
-        smoke_data, run_name, mlflow_server, "train.epochs=1", "train.max_steps_per_epoch=4"
-    )
+def _submit_and_wait(env, address: str, name: str, command: list[str], timeout: float = 300):
+    """`ray job submit --no-wait` a module of this repo, poll until the job ends; returns
+    (final status, logs)."""
     # Workers reach the MLflow artifact store (S3) with these; `ray job submit` passes them.
     runtime_env = {
         "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_"))}
     }
-    job_id = f"unirank-train-{uuid.uuid4().hex[:8]}"
+    job_id = f"unirank-{name}-{uuid.uuid4().hex[:8]}"
     submit = _ray(
         env, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-        "--", "python", "-m", "ray_jobs.train", "configs/smoke.yaml", *overrides,
+        "--", "python", "-m", *command,
         timeout=120,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
-    deadline, status = time.monotonic() + 300, ""
+    deadline, status = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         done = _ray(env, "job", "status", "--address", address, job_id)
         # The CLI logs "Job '<id>' succeeded" / "failed" / "was stopped" (to stderr) once
@@ -138,6 +135,18 @@ def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server,
     if not status:
         _ray(env, "job", "stop", "--address", address, job_id)
     assert status == "SUCCEEDED", f"job {job_id}: {status or 'timed out'}\n{logs[-4000:]}"
+    return status, logs
+
+
+def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server, train_args):
+    address, env = ray_head
+    run_name = f"submitted-{uuid.uuid4().hex[:6]}"
+    overrides = train_args(
+        smoke_data, run_name, mlflow_server, "train.epochs=1", "train.max_steps_per_epoch=4"
+    )
+    _, logs = _submit_and_wait(
+        env, address, "train", ["ray_jobs.train", "configs/smoke.yaml", *overrides]
+    )
     assert "epoch 1/1" in logs and '"train":' in logs
     assert (smoke_data / "runs" / run_name / "epoch_0001" / "state.json").is_file()
     # the submitted job tracked into the same MLflow server (rank 0 from the cluster's worker)
@@ -147,3 +156,34 @@ def test_ray_job_submit_trains_to_succeeded(ray_head, smoke_data, mlflow_server,
     runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "val/objective" in runs[0].data.metrics
+
+
+def test_ray_job_submit_runs_a_search_and_registers_its_winner(
+    ray_head, smoke_data, mlflow_server, train_args
+):
+    address, env = ray_head
+    name = f"submitted-search-{uuid.uuid4().hex[:6]}"
+    overrides = [
+        o
+        for o in train_args(smoke_data, "unused", mlflow_server)
+        if not o.startswith(("train.run_name=", "train.storage_path="))
+    ] + [
+        f"mlflow.registered_model=unirank-{name}",
+        f"tune.storage_path={smoke_data}/tune",
+        f"tune.name={name}",
+        "tune.search_alg=grid",
+        "tune.num_samples=1",
+        "tune.space={model.fusion: {grid: [average, gating]}}",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=4",
+    ]
+    _, logs = _submit_and_wait(
+        env, address, "search", ["tuning.search", "configs/tune_smoke.yaml", *overrides], 420
+    )
+    assert f"search {name}: 2 trials" in logs, logs[-3000:]
+    assert "first version" in logs or "promoted to champion" in logs
+    results = smoke_data / "tune" / name / "results" / "trials.csv"
+    assert results.is_file() and len(results.read_text().splitlines()) == 3
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version_by_alias(f"unirank-{name}", "champion")
+    assert mv.version == "1" and name in mv.tags["run_name"]

@@ -14,15 +14,7 @@ import pytest
 
 from model.config import load_config
 
-# Opt-in until it has passed on CI: it was written in the last minutes of a session, on a machine
-# too loaded to finish it (issue 7 stays open until it runs here by default).
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not os.environ.get("UNIRANK_RUN_TUNE_E2E"),
-        reason="tuning e2e not yet verified on CI: set UNIRANK_RUN_TUNE_E2E=1 to run it",
-    ),
-]
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
