@@ -24,7 +24,7 @@ demo: venv
 
 ## Run the whole test suite (what CI runs).
 test: venv
-	$(VENV)/bin/pytest -q --timeout=900
+	$(VENV)/bin/pytest -q --timeout=900 --durations=30
 
 test-unit: venv
 	$(VENV)/bin/pytest -q -m unit

@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--skip-movielens", action="store_true")
     args = p.parse_args()
     impressions, epochs = (50_000, 3) if args.quick else (200_000, 6)
-    init_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=False)
+    init_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=True)
     out = {"benchmark": "train_quality"}
     with tempfile.TemporaryDirectory() as tmp:
         out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs)

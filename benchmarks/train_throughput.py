@@ -126,7 +126,7 @@ def main() -> None:
     # here) does not stand in for steady-state throughput: tens of thousands of rows.
     impressions, epochs = (60_000, 3) if args.quick else (200_000, 3)
     impressions = args.impressions or impressions
-    init_ray(num_cpus=2, object_store_memory=500 * 2**20, include_dashboard=False)
+    init_ray(num_cpus=2, object_store_memory=500 * 2**20, include_dashboard=True)
     with tempfile.TemporaryDirectory() as tmp:
         make_data(tmp, impressions)
         common = [

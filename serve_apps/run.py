@@ -110,6 +110,12 @@ def fit_to_cluster(use_cases: list[UseCaseConfig], cpus: float) -> list[UseCaseC
     ]
 
 
+def free_cpus() -> float:
+    """CPUs not held by anything else on the connected cluster right now (a shared cluster, or
+    the jobs that ran before in the same session)."""
+    return ray.available_resources().get("CPU", 0.0) or ray.cluster_resources().get("CPU", 1.0)
+
+
 def example_request(uc: UseCaseConfig, index: RetrievalIndex, user_id: int = 1) -> dict:
     """A valid request body for a use-case, built from the retrieval index."""
     body: dict[str, Any] = {"user_id": user_id, "request_id": f"example-{uc.name}"}
@@ -135,12 +141,15 @@ def demo(
     use_cases_dir: str | Path = USE_CASES_DIR,
     workdir: str | Path = "out/serve",
     data: list[str] | None = None,
+    deploy_timeout_s: float = 420.0,
 ) -> list[tuple[str, dict]]:
     """Start Serve with every use-case, answer one sample request each, shut Serve down.
 
     Uses the connected Ray cluster (or starts a local one and stops it). ``model_dir``:
     an exported model (default: ``serve.model_uri``, else an untrained bootstrap export).
-    Returns [(use_case, response JSON)].
+    Every application first gets a warm-up request for another user (the first request
+    through a fresh proxy and handle can exceed a use-case's timeout and be answered by the
+    fallback). Returns [(use_case, response JSON)].
     """
     import httpx
 
@@ -152,12 +161,14 @@ def demo(
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        use_cases = fit_to_cluster(use_cases, ray.cluster_resources().get("CPU", 1.0))
+        use_cases = fit_to_cluster(use_cases, free_cpus())
         serve_config = build_serve_config(cfg, use_cases, host=cfg.serve.host, model_uri=uri)
-        urls = deploy(serve_config)
+        urls = deploy(serve_config, deploy_timeout_s)
         index = RetrievalIndex.load(resolve_model_dir(uri, cfg) / INDEX_FILE)
         out = []
         with httpx.Client(timeout=30.0) as client:
+            for uc in use_cases:
+                client.post(urls[uc.name] + "/rank", json=example_request(uc, index, user_id=2))
             for uc in use_cases:
                 r = client.post(urls[uc.name] + "/rank", json=example_request(uc, index))
                 out.append((uc.name, r.json()))
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ray.init(address=a.address, include_dashboard=False)
     try:
-        use_cases = fit_to_cluster(use_cases, ray.cluster_resources().get("CPU", 1.0))
+        use_cases = fit_to_cluster(use_cases, free_cpus())
         serve_config = build_serve_config(cfg, use_cases, host=cfg.serve.host, model_uri=uri)
         urls = deploy(serve_config)
         for name, url in urls.items():

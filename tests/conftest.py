@@ -54,7 +54,11 @@ def ray_cluster():
         ray.init(
             num_cpus=2,
             object_store_memory=400 * 1024 * 1024,
-            include_dashboard=False,
+            # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner
+            # needs: without it a trainer killed mid-run (a trial ASHA stops) leaks its
+            # placement group, and the next job on these 2 CPUs waits forever.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
         )
@@ -233,3 +237,14 @@ def redis_url():
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def movielens_root(tmp_path_factory):
+    """The vendored MovieLens data as unified examples (python -m ray_jobs.movielens)."""
+    from model.config import load_config
+    from ray_jobs.movielens import write_movielens
+
+    out = tmp_path_factory.mktemp("ml") / "movielens"
+    cfg = load_config(REPO / "configs" / "movielens.yaml", [f"movielens.output={out}"])
+    return out, cfg, write_movielens(cfg)

@@ -272,8 +272,29 @@ def best_trial_config(cfg: UnirankConfig, grid) -> tuple[UnirankConfig, str]:
     return trial, trial_id
 
 
+def warn_without_state_api() -> bool:
+    """Ray Train's PlacementGroupCleaner removes the placement group of a trainer whose
+    controller died (a trial the scheduler stopped) by watching it through the State API,
+    which the Ray dashboard serves. Without it those placement groups stay until the job ends
+    and later trials wait for their CPUs. Returns True when the State API answers."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, raise_on_missing_output=False)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+        log.warning(
+            "the Ray State API is not available (%s): start Ray with the dashboard "
+            "(ray start --head --include-dashboard=true, or ray.init(include_dashboard=True)); "
+            "without it trials stopped early leak their trainers' placement groups",
+            type(exc).__name__,
+        )
+        return False
+
+
 def search(cfg: UnirankConfig, register: bool = True) -> dict:
     t0 = time.perf_counter()
+    warn_without_state_api()
     from ray_jobs.train import resolve_paths
 
     cfg = resolve_paths(cfg)

@@ -5,18 +5,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from model.config import load_config
 from model.schema import UNIFIED_SCHEMA, validate_schema
-from ray_jobs.movielens import write_movielens
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ml") / "movielens"
-    cfg = load_config("configs/movielens.yaml", [f"movielens.output={out}"])
-    summary = write_movielens(cfg)
+def built(movielens_root):
+    out, cfg, summary = movielens_root
     splits = {s: pq.read_table(out / s) for s in ("train", "validation", "test")}
     return cfg, summary, splits, out
 

@@ -89,7 +89,7 @@ def test_mlflow_parent_child_runs_and_registry(searched):
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(
-    smoke_data, mlflow_server, ray_cluster
+    smoke_data, mlflow_server, ray_cluster, tmp_path
 ):
     from tuning.search import search
 
@@ -109,7 +109,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
+        # a file, not a pipe: nobody reads a pipe meanwhile, and a full one blocks the search
+        stdout=(tmp_path / "search.log").open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
@@ -121,7 +122,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
         if len(list(runs.glob("*/epoch_0001"))) >= 1 and len(list(runs.glob("*"))) >= 2:
             break
         time.sleep(1)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    log = tmp_path / "search.log"
+    assert proc.poll() is None, log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=120)
@@ -129,7 +131,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/epoch_0001")}
-    assert finished, "no trial finished before the interruption"
+    assert finished, "no trial finished before the interruption\n" + log.read_text()[-3000:]
     cfg = load_config(REPO / "configs" / "tune_smoke.yaml", overrides)
     summary = search(cfg, register=False)
     assert summary["trials"] == 3 and summary["errored"] == 0
