@@ -131,6 +131,8 @@ def run_steps(cfg: UnirankConfig, last: int) -> None:
     print(format_search(found))
     if last < 7:
         return
+    from serve_apps.run import demo as serve_demo
+
     free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"]
     print(f"  cluster: {free:.2f} of {total:.0f} CPUs free for Serve", flush=True)
     m = cfg.mlflow
