@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -41,11 +42,20 @@ def trial_run_name(cfg: UnirankConfig, trial_id: str) -> str:
     return f"{cfg.tune.name}-{trial_id}"
 
 
-def run_trial(config: dict, base_config: dict, parent_run_id: str | None) -> None:
-    """The Tune trainable: one trial = one run of the training job with the point applied."""
+def run_trial(
+    config: dict, base_config: dict, parent_run_id: str | None, env: dict | None = None
+) -> None:
+    """The Tune trainable: one trial = one run of the training job with the point applied.
+
+    ``env``: the search driver's MLFLOW_* / AWS_* variables. The trial's process logs to MLflow
+    itself (and uploads artifacts straight to the artifact store), but a Ray worker process
+    only has the environment its node started with.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_jobs import train
+
+    os.environ.update(env or {})
 
     base = config_from_dict(base_config, "tune base config")
     point = {k: v for k, v in config.items() if k in base.tune.space}
@@ -159,7 +169,10 @@ def make_tuner(cfg: UnirankConfig, parent_run_id: str | None) -> tune.Tuner:
     loc, fs = _storage(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base_config=cfg.model_dump(mode="json"), parent_run_id=parent_run_id
+            run_trial,
+            base_config=cfg.model_dump(mode="json"),
+            parent_run_id=parent_run_id,
+            env=registry.worker_env(),
         ),
         {"CPU": t.trial_driver_cpus},
     )
