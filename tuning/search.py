@@ -363,7 +363,7 @@ def search(cfg: UnirankConfig, register: bool = True) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [
-        f"search {s['name']}: {s['trials']} trials ({s['stopped_early']} stopped early by ASHA, "
+        f"search {s['name']}: {s['trials']} trial{'' if s['trials'] == 1 else 's'} ({s['stopped_early']} stopped early by ASHA, "
         f"{s['errored']} errored) in {s['seconds']} s -> {s['results']}"
     ]
     if "best" in s:

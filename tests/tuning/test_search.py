@@ -95,7 +95,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
 
     overrides = _overrides(smoke_data, mlflow_server, "s2", "train.epochs=1", "tune.scheduler=none")
     overrides = [o for o in overrides if not o.startswith("tune.space=")] + [
-        "tune.space={train.lr: {grid: [0.02, 0.01, 0.005]}}"
+        "tune.space={train.lr: {grid: [0.02, 0.005]}}"
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
@@ -134,8 +134,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     assert finished, "no trial finished before the interruption\n" + log.read_text()[-3000:]
     cfg = load_config(REPO / "configs" / "tune_smoke.yaml", overrides)
     summary = search(cfg, register=False)
-    assert summary["trials"] == 3 and summary["errored"] == 0
+    assert summary["trials"] == 2 and summary["errored"] == 0, summary
     for run, mtime in finished.items():
         assert (runs / run / "epoch_0001").stat().st_mtime_ns == mtime, f"{run} was trained again"
     table = json.loads((Path(summary["results"]) / "trials.json").read_text())
-    assert sorted(r["param.train.lr"] for r in table) == [0.005, 0.01, 0.02]
+    assert sorted(r["param.train.lr"] for r in table) == [0.005, 0.02]
