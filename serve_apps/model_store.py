@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from model.config import ConfigError, UnirankConfig
-from model.export import MANIFEST_FILE, MODEL_FILE
+from model.export import MANIFEST_FILE, model_digest
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -62,5 +61,4 @@ def _download_registered(uri: str, cfg: UnirankConfig) -> Path:
 def model_version(path: Path, uri: str) -> dict:
     """What /version reports: URI, local path, manifest, a digest of the TorchScript file."""
     manifest = json.loads((path / MANIFEST_FILE).read_text())
-    digest = hashlib.sha256((path / MODEL_FILE).read_bytes()).hexdigest()[:12]
-    return {"model_uri": uri, "path": str(path), "sha256": digest, **manifest}
+    return {"model_uri": uri, "path": str(path), "sha256": model_digest(path), **manifest}
