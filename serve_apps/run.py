@@ -122,8 +122,9 @@ def example_request(uc: UseCaseConfig, index: RetrievalIndex, user_id: int = 1) 
     if uc.retrieval == "request":
         body["candidates"] = [{"item_id": int(i)} for i in index.popular(20)]
     elif uc.retrieval == "popular_by_category":
-        top = index.popular(1)
-        body["category_id"] = int(index.features(top)["category_id"][0])
+        # the most popular item's category; 0 is the "no category" placeholder, not one
+        cats = index.features(index.popular(1000))["category_id"]
+        body["category_id"] = int(next((c for c in cats if c > 0), 1))
     elif uc.retrieval == "co_occurrence":
         keys = index.a["co_keys"]
         counts = np.diff(index.a["co_indptr"])
