@@ -37,6 +37,13 @@ DAY = 24 * HOUR
 SURFACES = {"ads": 1, "notifications": 2, "related_items": 3, "search": 4, "category": 5}
 TOKENS_PER_CATEGORY = 8
 CANDIDATE_POOL = 8  # items compared when a user picks one (history) or retrieval picks one
+TASK_TYPE_BIAS = {
+    "ads": -3.0,
+    "notifications": -2.5,
+    "related_items": -1.6,
+    "search": -1.2,
+    "category": -1.8,
+}  # click logit offset per use-case
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -132,6 +139,32 @@ class World:
         score = np.einsum("...d,...kd->...k", interest, self.item_vec[cand]) / temperature
         score += rng.gumbel(size=score.shape)
         return np.take_along_axis(cand, score.argmax(-1)[..., None], -1)[..., 0]
+
+    def probabilities(
+        self,
+        task_type: np.ndarray,  # (n,) use-case names
+        affinity: np.ndarray,  # (n,) interest . item vector
+        related: np.ndarray,  # (n,) source item . item vector (related_items, else 0)
+        matches: np.ndarray,  # (n,) query / browsed category matches the item's category
+        device: np.ndarray,
+        hour: np.ndarray,
+        advertiser: np.ndarray,  # (n,) 0 outside ads
+        price: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The generator's true P(click), P(add_to_cart | click), P(checkout | add_to_cart)
+        and P(engage | click). One definition: the generator draws labels from it and
+        benchmarks score estimated affinities with it."""
+        tt_bias = np.array([TASK_TYPE_BIAS.get(x, -2.0) for x in task_type])
+        is_ads = task_type == "ads"
+        ctx = 0.15 * (device == 1) - 0.1 * ((hour < 6) | (hour > 22))
+        p_click = _sigmoid(tt_bias + 1.2 * affinity + 0.8 * related + matches + ctx)
+        log_price = np.log(price) - 3.0
+        p_atc_c = np.where(
+            is_ads, _sigmoid(self.adv_cvr_logit[advertiser] + 0.8 * affinity - 0.3 * log_price), 0.0
+        )
+        p_co_a = np.where(is_ads, _sigmoid(-0.3 + 0.5 * affinity - 0.4 * log_price), 0.0)
+        p_eng_c = np.where(is_ads, 0.0, _sigmoid(-0.5 + 1.0 * affinity + 0.5 * related))
+        return p_click, p_atc_c, p_co_a, p_eng_c
 
     def advertiser_table(self) -> pa.Table:
         ids = np.arange(1, self.cfg.num_advertisers + 1)
@@ -234,19 +267,6 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
 
     # ---- true probabilities
     affinity = np.einsum("nd,nd->n", now_interest, world.item_vec[item])
-    tt_bias = np.array(
-        [
-            {
-                "ads": -3.0,
-                "notifications": -2.5,
-                "related_items": -1.6,
-                "search": -1.2,
-                "category": -1.8,
-            }.get(x, -2.0)
-            for x in names
-        ]
-    )[tt_idx]
-    ctx = 0.15 * (device == 1) - 0.1 * ((hour < 6) | (hour > 22))
     related = np.where(
         source_item > 0,
         np.einsum("nd,nd->n", world.item_vec[source_item], world.item_vec[item]),
@@ -255,14 +275,9 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
     matches = np.where(is_search, (query_cat == category) * 1.0, 0.0) + np.where(
         task_type == "category", (browse_cat == category) * 0.8, 0.0
     )
-    p_click = _sigmoid(tt_bias + 1.2 * affinity + 0.8 * related + matches + ctx)
-    p_atc_c = np.where(
-        is_ads,
-        _sigmoid(world.adv_cvr_logit[advertiser] + 0.8 * affinity - 0.3 * (np.log(price) - 3.0)),
-        0.0,
+    p_click, p_atc_c, p_co_a, p_eng_c = world.probabilities(
+        task_type, affinity, related, matches, device, hour, advertiser, price
     )
-    p_co_a = np.where(is_ads, _sigmoid(-0.3 + 0.5 * affinity - 0.4 * (np.log(price) - 3.0)), 0.0)
-    p_eng_c = np.where(is_ads, 0.0, _sigmoid(-0.5 + 1.0 * affinity + 0.5 * related))
 
     click = rng.random(n) < p_click
     atc = click & (rng.random(n) < p_atc_c)
