@@ -332,6 +332,10 @@ class ModelConfig(_Strict):
     fusion: Literal["average", "gating", "blend"] = "gating"
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     tower_dims: list[int] = Field(default_factory=lambda: [32])
+    # DLRM-style explicit interactions: the pairwise dot products of all field embeddings
+    # (K*(K-1)/2 values) join the flat input of the bottom MLP, cross and MaskNet backbones.
+    # A dot product is hard for an MLP to learn; user . candidate affinity is one.
+    dot_interaction: bool = False
     dropout: float = Field(default=0.1, ge=0, lt=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

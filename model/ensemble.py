@@ -47,6 +47,7 @@ class UnirankModel(nn.Module):
         fusion: nn.Module,
         experts: nn.Module,
         towers: Towers,
+        dot_fields: int = 0,
     ):
         super().__init__()
         self.embeddings = embeddings
@@ -61,6 +62,12 @@ class UnirankModel(nn.Module):
         self.experts = experts
         self.towers = towers
         self.task_names = list(towers.task_names)
+        # Upper triangle of the (K, K) field Gram matrix: the pairs whose dot products are
+        # appended to the flat input (model.dot_interaction): K = dot_fields, 0 = off.
+        left, right = torch.triu_indices(dot_fields, dot_fields, offset=1)
+        self.dot_interaction = dot_fields > 0
+        self.register_buffer("dot_left", left)
+        self.register_buffer("dot_right", right)
 
     def encode_user(
         self,
@@ -129,6 +136,9 @@ class UnirankModel(nn.Module):
             sparse, multi, dense, user_h, user_index, seq_gaps, seq_mask, task_type
         )  # (B, K, D)
         flat = fields.flatten(1)  # (B, K*D)
+        if self.dot_interaction:
+            gram = torch.bmm(fields, fields.transpose(1, 2))  # (B, K, K)
+            flat = torch.cat([flat, gram[:, self.dot_left, self.dot_right]], 1)  # (B, K*D + P)
         shared = self.bottom(flat)  # (B, H)
         outs: list[torch.Tensor] = []
         for backbone in self.backbones:
@@ -157,16 +167,18 @@ class UnirankModel(nn.Module):
 # --------------------------------------------------------------------------- builder
 
 
-def build_backbone(name: str, m: ModelConfig, num_fields: int, out_dim: int) -> nn.Module:
+def build_backbone(
+    name: str, m: ModelConfig, num_fields: int, flat_dim: int, out_dim: int
+) -> nn.Module:
     d = m.embedding_dim
     if name == "cross":
-        return CrossNetV2(num_fields * d, m.cross.num_layers, m.cross.low_rank, out_dim)
+        return CrossNetV2(flat_dim, m.cross.num_layers, m.cross.low_rank, out_dim)
     if name == "attention":
         return FieldAttention(
             num_fields, d, m.attention.num_layers, m.attention.num_heads, out_dim, m.dropout
         )
     if name == "masknet":
-        return MaskNet(num_fields * d, m.masknet.num_blocks, m.masknet.reduction, out_dim)
+        return MaskNet(flat_dim, m.masknet.num_blocks, m.masknet.reduction, out_dim)
     raise ValueError(f"model.backbones: unknown backbone {name!r}")
 
 
@@ -238,9 +250,12 @@ def build_model(cfg: UnirankConfig, sparse_embeddings: bool = False) -> UnirankM
         lay.sparse_names.index(lay.seq_table) if lay.seq_table in lay.sparse_names else -1
     )
     k = num_fields(lay, sequence_on)
-    bottom = MLP(k * d, m.bottom_dims, m.dropout)
+    flat_dim = k * d + (k * (k - 1) // 2 if m.dot_interaction else 0)
+    bottom = MLP(flat_dim, m.bottom_dims, m.dropout)
     h = bottom.out_dim
-    backbones = nn.ModuleDict({name: build_backbone(name, m, k, h) for name in m.backbones})
+    backbones = nn.ModuleDict(
+        {name: build_backbone(name, m, k, flat_dim, h) for name in m.backbones}
+    )
     fusion = build_fusion(m.fusion, len(backbones), h, d)
     experts = build_experts(m, 2 * h, len(lay.task_names))
     towers = Towers(experts.out_dim, m.tower_dims, lay.task_names, m.dropout)
@@ -255,6 +270,7 @@ def build_model(cfg: UnirankConfig, sparse_embeddings: bool = False) -> UnirankM
         fusion=fusion,
         experts=experts,
         towers=towers,
+        dot_fields=k if m.dot_interaction else 0,
     )
 
 

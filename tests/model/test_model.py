@@ -221,3 +221,31 @@ def test_sparse_embeddings_train_with_sparse_adam(tiny_cfg, batch):
     opt_dense.step()
     changed = (table.detach() != before).any(1)
     assert 0 < changed.sum() < table.shape[0] // 4  # only looked-up rows moved
+
+
+def test_dot_interaction_feeds_every_pairwise_field_dot_product(tiny_cfg, batch):
+    cfg = tiny_cfg(dot_interaction=True)
+    model = build_model(cfg).eval()
+    seen = {}
+    hook = model.bottom.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    out = model(*batch.inputs())
+    hook.remove()
+    sparse, multi, dense, items, types, gaps, mask, task_type = batch.inputs()
+    user_h = model.encode_user(items, types, gaps, mask)
+    fields = model.fields(sparse, multi, dense, user_h, None, gaps, mask, task_type)  # (B, K, D)
+    k, d = fields.shape[1], fields.shape[2]
+    x = seen["x"]
+    assert x.shape == (64, k * d + k * (k - 1) // 2)
+    torch.testing.assert_close(x[:, : k * d], fields.flatten(1))
+    dots = x[:, k * d :]
+    # pair order is the upper triangle row by row: (0, 1), (0, 2), ..., (K-2, K-1)
+    torch.testing.assert_close(dots[:, 0], (fields[:, 0] * fields[:, 1]).sum(-1))
+    torch.testing.assert_close(dots[:, -1], (fields[:, -2] * fields[:, -1]).sum(-1))
+    # off: no extra inputs; on: it trains and exports like the rest
+    plain = build_model(tiny_cfg())
+    assert plain.bottom[0].in_features == k * d
+    model.train()
+    sum(v.sum() for v in model(*batch.inputs()).values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    scripted = torch.jit.script(model.eval())
+    torch.testing.assert_close(scripted(*batch.inputs())["click"], out["click"])
