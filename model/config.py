@@ -360,6 +360,8 @@ class TrainConfig(_Strict):
     lr: float = Field(default=2e-3, gt=0)
     embedding_lr: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
+    # AdamW's decoupled decay on the id embedding tables (every row, every step); 0 = none.
+    embedding_weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=5.0, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear_warmup"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)

@@ -298,12 +298,16 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, embedding_lr: float | None = None
+    model: nn.Module,
+    weight_decay: float,
+    embedding_lr: float | None = None,
+    embedding_weight_decay: float = 0.0,
 ) -> list[dict]:
     """Optimizer parameter groups: decay only on weight matrices.
 
-    No decay on embeddings (L2 on rows shrinks rare ids towards 0 every step they are not
-    seen in a dense optimizer), norms and biases. ``embedding_lr`` sets a separate learning
+    No decay on norms and biases. Embeddings get ``embedding_weight_decay`` (default none: a
+    dense optimizer's decay shrinks every row every step, seen or not, so rare ids drift
+    towards 0; some decay still helps when the id tables memorise a small training set). ``embedding_lr`` sets a separate learning
     rate for embedding tables (sparse ids see few updates); None keeps the optimizer's lr.
     Empty groups are dropped.
     """
@@ -327,7 +331,7 @@ def param_groups(
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        {"params": emb, "weight_decay": 0.0, "name": "embeddings"},
+        {"params": emb, "weight_decay": embedding_weight_decay, "name": "embeddings"},
     ]
     if embedding_lr is not None:
         groups[2]["lr"] = embedding_lr

@@ -152,7 +152,7 @@ def lr_lambda(t: TrainConfig, total_steps: int):
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig, total_steps: int):
-    groups = param_groups(model, t.weight_decay, t.embedding_lr)
+    groups = param_groups(model, t.weight_decay, t.embedding_lr, t.embedding_weight_decay)
     opt = torch.optim.AdamW(groups, lr=t.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, total_steps))
     return opt, sched

@@ -162,6 +162,8 @@ def test_param_groups(tiny_cfg):
     assert not set.intersection(*ids.values())
     torch.optim.AdamW(groups, lr=1e-3)  # accepted by a real optimizer
     assert "lr" not in {g["name"]: g for g in param_groups(model, 0.0)}["embeddings"]
+    emb = {g["name"]: g for g in param_groups(model, 0.0, embedding_weight_decay=0.3)}
+    assert emb["embeddings"]["weight_decay"] == 0.3 and emb["decay"]["weight_decay"] == 0.0
 
 
 def test_set_precision_only_touches_heavy_layers(tiny_cfg, batch):
