@@ -259,14 +259,19 @@ def test_weighted_rates_match_unsampled_on_s3(ray_cluster, s3_bucket, tmp_path):
     assert files and pq.read_schema(files[0], filesystem=fs).equals(UNIFIED_SCHEMA)
 
 
-def test_prepare_runs_on_movielens_raw_logs(ray_cluster, tmp_path):
-    from ray_jobs.movielens import build
-
-    ml = load_config("configs/movielens.yaml").movielens
-    built = build(ml)
-    imps = built["impressions"].slice(0, 30000)
+def test_prepare_runs_on_movielens_raw_logs(ray_cluster, movielens_root, tmp_path):
+    # The raw logs ray_jobs.movielens writes beside its examples, cut to the busiest days:
+    # 30k impressions over few dates (the output is partitioned by date).
+    ml_out, _, _ = movielens_root
+    imps = pq.read_table(ml_out / "raw" / "impressions")
+    day = pc.cast(imps["event_time"], pa.int64()).to_numpy() // (86400 * 10**6)
+    days, counts = np.unique(day, return_counts=True)
+    busiest = days[np.argsort(-counts, kind="stable")]
+    keep = busiest[: int(np.searchsorted(np.cumsum(np.sort(counts)[::-1]), 30000)) + 1]
+    imps = imps.filter(pa.array(np.isin(day, keep))).slice(0, 30000)
     ids = pa.array(imps["impression_id"])
-    events = built["events"].filter(pc.is_in(built["events"]["impression_id"], ids))
+    events = pq.read_table(ml_out / "raw" / "events")
+    events = events.filter(pc.is_in(events["impression_id"], ids))
     for name, table in (("impressions", imps), ("events", events)):
         (tmp_path / "raw" / name).mkdir(parents=True)
         pq.write_table(table, tmp_path / "raw" / name / "part-0.parquet")
