@@ -64,10 +64,11 @@ class UnirankModel(nn.Module):
         self.task_names = list(towers.task_names)
         # Upper triangle of the (K, K) field Gram matrix: the pairs whose dot products are
         # appended to the flat input (model.dot_interaction): K = dot_fields, 0 = off.
+        # Not persistent: derived from the config, and checkpoints saved without them load.
         left, right = torch.triu_indices(dot_fields, dot_fields, offset=1)
         self.dot_interaction = dot_fields > 0
-        self.register_buffer("dot_left", left)
-        self.register_buffer("dot_right", right)
+        self.register_buffer("dot_left", left, persistent=False)
+        self.register_buffer("dot_right", right, persistent=False)
 
     def encode_user(
         self,
