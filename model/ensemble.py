@@ -306,10 +306,10 @@ def param_groups(
 ) -> list[dict]:
     """Optimizer parameter groups: decay only on weight matrices.
 
-    No decay on norms and biases. Embeddings get ``embedding_weight_decay`` (default none: a
+    No decay on norms and biases. Embeddings get ``embedding_weight_decay``, default none: a
     dense optimizer's decay shrinks every row every step, seen or not, so rare ids drift
-    towards 0; some decay still helps when the id tables memorise a small training set). ``embedding_lr`` sets a separate learning
-    rate for embedding tables (sparse ids see few updates); None keeps the optimizer's lr.
+    towards 0. ``embedding_lr`` sets a separate learning rate for embedding tables (sparse ids
+    see few updates); None keeps the optimizer's lr.
     Empty groups are dropped.
     """
     emb_ids, no_decay_ids = set(), set()
