@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
@@ -61,36 +63,34 @@ def checkout_references(root: str, cfg) -> dict:
     j = list(trained.processor.layout.task_names).index("checkout")
     m = pred["masks"][:, j]
     labels, weight = pred["labels"][m, j], pred["weight"][m]
-    ids = np.array([int(s[1:]) for s in pred["ids"][m]], dtype=np.int64)
+    ids = pa.array([int(s[1:]) for s in pred["ids"][m]], type=pa.int64())
     truth = pq.read_table(f"{root}/raw/truth/impressions", columns=["impression_id", "p_checkout"])
-    cols = ["impression_id", "task_type", "item_id", "advertiser_id", "source_item_id",
-            "device", "hour", "price", "seq_item_ids"]  # fmt: skip
-    raw = pq.read_table(f"{root}/raw/impressions", columns=cols)
-    row_of = {i: k for k, i in enumerate(raw["impression_id"].to_pylist())}
-    rows = np.array([row_of[i] for i in ids], dtype=np.int64)
-    assert truth["impression_id"].to_pylist() == raw["impression_id"].to_pylist()
-    oracle = auc(labels, truth["p_checkout"].to_numpy()[rows], weight)
+    p_true = truth["p_checkout"].to_numpy()[pc.index_in(ids, truth["impression_id"]).to_numpy()]
+    oracle = auc(labels, p_true, weight)
 
+    cols = ["impression_id", "task_type", "item_id", "advertiser_id", "device", "hour", "price",
+            "seq_item_ids"]  # fmt: skip
+    raw = pq.read_table(f"{root}/raw/impressions", columns=cols)
+    raw = raw.take(pc.index_in(ids, raw["impression_id"]))
     world = World.build(cfg.generate)
-    col = {c: raw[c].take(rows) for c in cols[1:]}
-    item = col["item_id"].to_numpy()
-    seqs = col["seq_item_ids"].to_pylist()
-    interest = np.stack([world.item_vec[s].mean(0) if s else world.item_vec[0] * 0 for s in seqs])
-    source = col["source_item_id"].to_numpy()
-    related = np.where(source > 0, (world.item_vec[source] * world.item_vec[item]).sum(1), 0.0)
+    item = raw["item_id"].to_numpy()
+    interest = np.stack(
+        [world.item_vec[s].mean(0) if s else np.zeros(world.item_vec.shape[1])
+         for s in raw["seq_item_ids"].to_pylist()]
+    )  # fmt: skip
+    no_context = np.zeros(len(item))  # checkout exists on ads only: no source item, no query
     p_click, p_atc, p_co, _ = world.probabilities(
-        np.asarray(col["task_type"].to_pylist(), dtype=object),
+        np.asarray(raw["task_type"].to_pylist(), dtype=object),
         (interest * world.item_vec[item]).sum(1),
-        related,
-        np.zeros(len(rows)),
-        col["device"].to_numpy(),
-        col["hour"].to_numpy(),
-        col["advertiser_id"].to_numpy(),
-        col["price"].to_numpy(),
+        no_context,
+        no_context,
+        raw["device"].to_numpy(),
+        raw["hour"].to_numpy(),
+        raw["advertiser_id"].to_numpy(),
+        raw["price"].to_numpy(),
     )
     reference = auc(labels, p_click * p_atc * p_co, weight)
-    model = auc(labels, pred["preds"]["checkout"][m], weight)
-    return {"model": model, "oracle": oracle, "sequence_reference": reference, "rows": int(m.sum())}
+    return {"oracle": oracle, "sequence_reference": reference, "rows": int(m.sum())}
 
 
 def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
