@@ -266,8 +266,8 @@ def test_prepare_runs_on_movielens_raw_logs(ray_cluster, movielens_root, tmp_pat
     imps = pq.read_table(ml_out / "raw" / "impressions")
     day = pc.cast(imps["event_time"], pa.int64()).to_numpy() // (86400 * 10**6)
     days, counts = np.unique(day, return_counts=True)
-    busiest = days[np.argsort(-counts, kind="stable")]
-    keep = busiest[: int(np.searchsorted(np.cumsum(np.sort(counts)[::-1]), 30000)) + 1]
+    order = np.argsort(-counts, kind="stable")  # busiest first
+    keep = days[order[: np.searchsorted(np.cumsum(counts[order]), 30000) + 1]]
     imps = imps.filter(pa.array(np.isin(day, keep))).slice(0, 30000)
     ids = pa.array(imps["impression_id"])
     events = pq.read_table(ml_out / "raw" / "events")

@@ -42,9 +42,6 @@ def test_byo_parquet_config_trains_and_reports_per_use_case(
 
 def test_train_and_evaluate_on_s3(ray_cluster, smoke_data, s3_bucket, tmp_path, train_args):
     bucket, storage = s3_bucket
-    cfg0 = load_config("configs/smoke.yaml", storage)
-    dest = resolve(f"s3://{bucket}/prepared", cfg0.storage)
-    pafs.copy_files(str(smoke_data / "prepared"), dest.path, destination_filesystem=dest.filesystem)
     cfg = load_config(
         "configs/smoke.yaml",
         [
@@ -52,6 +49,8 @@ def test_train_and_evaluate_on_s3(ray_cluster, smoke_data, s3_bucket, tmp_path, 
             *train_args(f"s3://{bucket}", "on-s3", f"sqlite:///{tmp_path}/mlflow.db", *BUDGET),
         ],
     )
+    dest = resolve(f"s3://{bucket}/prepared", cfg.storage)
+    pafs.copy_files(str(smoke_data / "prepared"), dest.path, destination_filesystem=dest.filesystem)
     result = train.run(cfg, track=False)
     assert result.checkpoint == f"s3://{bucket}/runs/on-s3/epoch_0001"
     fs = dest.filesystem
