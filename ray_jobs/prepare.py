@@ -27,12 +27,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
 from model.config import PrepareConfig, UnirankConfig
 from model.schema import UNIFIED_SCHEMA
-from model.storage import Location, resolve
+from model.storage import Location, list_parquet, resolve
 from ray_jobs import labels as L
 from ray_jobs.common import (
     init_ray,
@@ -260,7 +261,7 @@ def prepare(cfg: UnirankConfig) -> dict:
     events = read_parquet(f"{inp}/events", storage).map_batches(
         _events_seconds, batch_format="pyarrow"
     )
-    cutoff = _parse_time(p.cutoff_time) if p.cutoff_time else _default_cutoff(inp, storage, events)
+    cutoff = _parse_time(p.cutoff_time) if p.cutoff_time else _default_cutoff(inp, storage)
     task_types = cfg.dataset.task_types
 
     imps = read_parquet(f"{inp}/impressions", storage).map_batches(
@@ -377,15 +378,76 @@ def prepare(cfg: UnirankConfig) -> dict:
     return summary
 
 
-def _default_cutoff(inp: str, storage, events: ray.data.Dataset) -> int:
+def _default_cutoff(inp: str, storage) -> int:
     """The newest logged time: the last event, or the last impression if later by less than a
     day (impressions further in the future are impossible timestamps, quarantined)."""
-    last_event = int(events.max("event_time_s"))
-    imps = read_parquet(f"{inp}/impressions", storage, columns=["event_time"]).map_batches(
-        lambda b: {"t": _seconds(b["event_time"])}, batch_format="pyarrow"
-    )
-    last_imp = imps.filter(expr=col("t") <= last_event + L.DAY).max("t")
-    return max(last_event, int(last_imp or 0))
+    last_event = _newest(f"{inp}/events", storage)
+    if last_event is None:
+        raise PrepareError(f"{inp}/events: no event_time values; set prepare.cutoff_time")
+    last_imp = _newest(f"{inp}/impressions", storage, ceiling=last_event + L.DAY)
+    return max(last_event, last_imp or 0)
+
+
+def _newest(uri: str, storage, ceiling: int | None = None) -> int | None:
+    """The largest event_time (epoch seconds) of the parquet files at ``uri`` that is at most
+    ``ceiling``, or None when there is none.
+
+    Row-group statistics in the file footers answer without reading data, so this costs one
+    footer read per file instead of a scan of the column; a row group without statistics, or
+    whose maximum lies above the ceiling, has just its event_time column read. Files are
+    split into Ray tasks, so footers are read in parallel across the cluster."""
+    fs, files = list_parquet(uri, storage)
+    step = max(1, -(-len(files) // (4 * int(ray.cluster_resources().get("CPU", 1)))))
+    refs = [
+        _newest_in_files.remote(fs, files[i : i + step], ceiling)
+        for i in range(0, len(files), step)
+    ]
+    try:
+        found = [t for t in ray.get(refs) if t is not None]
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, PrepareError):
+            raise exc.cause from None  # a bad file: its own message, not a remote traceback
+        raise
+    return max(found) if found else None
+
+
+@ray.remote(num_cpus=0.25)
+def _newest_in_files(fs, paths: list[str], ceiling: int | None) -> int | None:
+    best = None
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "event_time" not in names:
+                raise PrepareError(f"{path}: no event_time column (has {names})")
+            col = names.index("event_time")
+            kind = pf.schema_arrow.field("event_time").type
+            for i in range(pf.metadata.num_row_groups):
+                stats = pf.metadata.row_group(i).column(col).statistics
+                t = _stat_seconds(stats.max, kind) if stats and stats.has_min_max else None
+                if t is None or (ceiling is not None and t > ceiling):
+                    t = _column_max(pf.read_row_group(i, ["event_time"])["event_time"], ceiling)
+                if t is not None and (best is None or t > best):
+                    best = t
+    return best
+
+
+def _stat_seconds(value, kind: pa.DataType) -> int | None:
+    """A footer's max statistic as epoch seconds (naive timestamps are UTC, integers are
+    seconds), or None when it cannot be read that way."""
+    if pa.types.is_timestamp(kind) and isinstance(value, datetime):
+        return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
+    if pa.types.is_integer(kind) and isinstance(value, int):
+        return value
+    return None
+
+
+def _column_max(col: pa.ChunkedArray, ceiling: int | None) -> int | None:
+    seconds = _seconds(col)
+    if ceiling is not None:
+        seconds = pc.filter(seconds, pc.less_equal(seconds, ceiling))
+    top = pc.max(seconds).as_py()
+    return None if top is None else int(top)
 
 
 def _iso(ts: int) -> str:

@@ -292,3 +292,44 @@ def test_prepare_runs_on_movielens_raw_logs(ray_cluster, movielens_root, tmp_pat
         assert set(e["rates"]) == {"click", "engage"}  # conversions unobserved on MovieLens
         assert e["rates"]["click"] == pytest.approx(1 / 3, abs=0.05)
     assert summary["rows_out"] == 30000
+
+
+def test_default_cutoff_equals_a_full_scan(run):
+    """The cut-off comes from footer statistics; a scan of the raw logs must agree, far-future
+    (bad) impressions excluded."""
+    from ray_jobs.prepare import _default_cutoff
+
+    cfg, _, root = run
+    events = pq.read_table(root / "raw" / "events", columns=["event_time"])["event_time"]
+    last_event = pc.max(events).as_py()
+    imps = pq.read_table(root / "raw" / "impressions", columns=["event_time"])["event_time"]
+    ceiling = last_event + pd.Timedelta(days=1)
+    assert pc.max(imps).as_py() > ceiling  # the fixture has far-future rows
+    expected = max(last_event, pc.max(pc.filter(imps, pc.less_equal(imps, ceiling))).as_py())
+    assert _default_cutoff(str(root / "raw"), None) == int(expected.timestamp())
+
+
+def test_newest_time_reads_statistics_and_falls_back_to_the_column(ray_cluster, tmp_path):
+    from ray_jobs.prepare import _newest
+
+    t0 = 1_767_225_600  # 2026-01-01
+    day = 86_400
+    d = tmp_path / "logs"
+    d.mkdir()
+    # naive nanosecond timestamps, two row groups, the later one holding a far-future value
+    naive = pa.array(np.array([t0, t0 + day, t0 + 2 * day, t0 + 900 * day]) * 10**9)
+    pq.write_table(
+        pa.table({"event_time": naive.cast(pa.timestamp("ns"))}), d / "a.parquet", row_group_size=2
+    )
+    # integer seconds, no statistics written: the column is read
+    pq.write_table(
+        pa.table({"event_time": pa.array([t0 + 3 * day, None], pa.int64())}),
+        d / "b.parquet",
+        write_statistics=False,
+    )
+    assert _newest(str(d), None) == t0 + 900 * day
+    assert _newest(str(d), None, ceiling=t0 + 10 * day) == t0 + 3 * day
+    assert _newest(str(d), None, ceiling=t0 - 1) is None
+    pq.write_table(pa.table({"time": [1]}), d / "c.parquet")
+    with pytest.raises(PrepareError, match=r"c\.parquet: no event_time column"):
+        _newest(str(d), None)
