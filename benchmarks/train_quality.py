@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -53,10 +52,11 @@ def checkout_references(root: str, cfg) -> dict:
     oracle: the generator's true P(checkout) (truth/impressions.p_checkout, joined on
     request_id = "r<impression_id>"). It knows every user's hidden interest vector, which no
     column reveals, so no model can reach it.
-    sequence_reference: the same formula with the one hidden input replaced by what the logs
-    show: the user's interest is estimated as the mean true vector of the items in their
-    sequence (the candidate's, advertiser's and price effects stay exact). A model that had
-    learned every item's vector perfectly and pooled the sequence by its mean scores this.
+    sequence_reference: ``World.sequence_reference``, the same formula with the one hidden
+    input replaced by what the logs show: the user's interest is estimated as the mean true
+    vector of the items in their sequence (the candidate's, advertiser's and price effects stay
+    exact). A model that had learned every item's vector perfectly and pooled the sequence by
+    its mean scores this. benchmarks/generator_ceiling.py scores both without a model.
     """
     trained = evaluate.load_trained(cfg)
     pred = evaluate.predict_split(trained.model, trained.processor, cfg, "test", with_ids=True)
@@ -72,24 +72,7 @@ def checkout_references(root: str, cfg) -> dict:
             "seq_item_ids"]  # fmt: skip
     raw = pq.read_table(f"{root}/raw/impressions", columns=cols)
     raw = raw.take(pc.index_in(ids, raw["impression_id"]))
-    world = World.build(cfg.generate)
-    item = raw["item_id"].to_numpy()
-    interest = np.stack(
-        [world.item_vec[s].mean(0) if s else np.zeros(world.item_vec.shape[1])
-         for s in raw["seq_item_ids"].to_pylist()]
-    )  # fmt: skip
-    no_context = np.zeros(len(item))  # checkout exists on ads only: no source item, no query
-    p_click, p_atc, p_co, _ = world.probabilities(
-        np.asarray(raw["task_type"].to_pylist(), dtype=object),
-        (interest * world.item_vec[item]).sum(1),
-        no_context,
-        no_context,
-        raw["device"].to_numpy(),
-        raw["hour"].to_numpy(),
-        raw["advertiser_id"].to_numpy(),
-        raw["price"].to_numpy(),
-    )
-    reference = auc(labels, p_click * p_atc * p_co, weight)
+    reference = auc(labels, World.build(cfg.generate).sequence_reference(raw), weight)
     return {"oracle": oracle, "sequence_reference": reference, "rows": int(m.sum())}
 
 

@@ -221,6 +221,11 @@ class GenerateConfig(_Strict):
     # observed (their conversions are still to come). Re-export later to see them.
     observe_hours_after_end: float = Field(default=0.0, ge=0)
     max_seq_len: int = Field(default=32, gt=0)
+    # A history event is the user's pick among this many random items, by interest / this
+    # temperature plus Gumbel noise: more candidates and a lower temperature make histories
+    # reveal the user's interest more clearly.
+    history_candidates: int = Field(default=8, gt=0)
+    history_temperature: float = Field(default=0.5, gt=0)
     latent_dim: int = Field(default=8, gt=0)
     interest_drift: float = Field(default=1.0, ge=0)
     # conversion delays, lognormal in hours: median exp(mu)

@@ -129,13 +129,20 @@ class World:
         days = (t - self.start) / DAY
         return (self.user_vec[users] + self.user_drift[users] * days[..., None]).astype(np.float32)
 
-    def pick_items(self, rng, interest: np.ndarray, pool: np.ndarray | None, temperature: float):
-        """Each row picks one of CANDIDATE_POOL random items, softly preferring its interest."""
+    def pick_items(
+        self,
+        rng,
+        interest: np.ndarray,
+        pool: np.ndarray | None,
+        temperature: float,
+        candidates: int = CANDIDATE_POOL,
+    ):
+        """Each row picks one of `candidates` random items, softly preferring its interest."""
         shape = interest.shape[:-1]
         if pool is None:
-            cand = rng.integers(1, self.cfg.num_items + 1, size=(*shape, CANDIDATE_POOL))
+            cand = rng.integers(1, self.cfg.num_items + 1, size=(*shape, candidates))
         else:
-            cand = pool[rng.integers(0, len(pool), size=(*shape, CANDIDATE_POOL))]
+            cand = pool[rng.integers(0, len(pool), size=(*shape, candidates))]
         score = np.einsum("...d,...kd->...k", interest, self.item_vec[cand]) / temperature
         score += rng.gumbel(size=score.shape)
         return np.take_along_axis(cand, score.argmax(-1)[..., None], -1)[..., 0]
@@ -165,6 +172,34 @@ class World:
         p_co_a = np.where(is_ads, _sigmoid(-0.3 + 0.5 * affinity - 0.4 * log_price), 0.0)
         p_eng_c = np.where(is_ads, 0.0, _sigmoid(-0.5 + 1.0 * affinity + 0.5 * related))
         return p_click, p_atc_c, p_co_a, p_eng_c
+
+    def sequence_interest(self, sequences: list[list[int]]) -> np.ndarray:
+        """A user's interest as their logged sequence shows it: the mean true vector of its
+        items (zeros for an empty sequence)."""
+        zero = np.zeros(self.item_vec.shape[1], dtype=self.item_vec.dtype)
+        return np.stack([self.item_vec[s].mean(0) if s else zero for s in sequences])
+
+    def sequence_reference(self, impressions: pa.Table) -> np.ndarray:
+        """P(checkout) by the generator's formula with the one hidden input, the user's
+        interest, replaced by what the logs show: the mean true vector of the items in the
+        user's sequence. What a model that had learned every item's vector perfectly and
+        pooled the sequence by its mean could score. Needs the impressions' task_type,
+        item_id, advertiser_id, device, hour, price and seq_item_ids; checkout exists on ads
+        only, which have no source item or query, so those terms are 0."""
+        interest = self.sequence_interest(impressions["seq_item_ids"].to_pylist())
+        item = impressions["item_id"].to_numpy()
+        none = np.zeros(len(item))
+        p_click, p_atc, p_co, _ = self.probabilities(
+            np.asarray(impressions["task_type"].to_pylist(), dtype=object),
+            (interest * self.item_vec[item]).sum(1),
+            none,
+            none,
+            impressions["device"].to_numpy(),
+            impressions["hour"].to_numpy(),
+            impressions["advertiser_id"].to_numpy(),
+            impressions["price"].to_numpy(),
+        )
+        return p_click * p_atc * p_co
 
     def advertiser_table(self) -> pa.Table:
         ids = np.arange(1, self.cfg.num_advertisers + 1)
@@ -224,7 +259,13 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
     keep = np.arange(cfg.max_seq_len)[None, :] >= (cfg.max_seq_len - seq_len)[:, None]
     seq_t_flat = seq_t[keep]  # (sum(seq_len),) row-major: per row oldest .. newest
     seq_users = np.broadcast_to(users[:, None], keep.shape)[keep]
-    seq_items_flat = world.pick_items(rng, world.interest(seq_users, seq_t_flat), None, 0.5)
+    seq_items_flat = world.pick_items(
+        rng,
+        world.interest(seq_users, seq_t_flat),
+        None,
+        cfg.history_temperature,
+        cfg.history_candidates,
+    )
     seq_types_flat = rng.choice([1, 2, 4, 5], size=len(seq_t_flat), p=[0.6, 0.1, 0.2, 0.1])
     ends = np.cumsum(seq_len) - 1
 
