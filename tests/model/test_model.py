@@ -259,3 +259,51 @@ def test_dot_interaction_feeds_every_pairwise_field_dot_product(tiny_cfg, batch)
     # the pair indices derive from the config, so they are not saved: checkpoints written
     # before the option existed have exactly the default model's keys and still load
     assert not [k for k in (*model.state_dict(), *plain.state_dict()) if k.startswith("dot_")]
+
+
+def test_sequence_aux_loss_pulls_items_picked_together_closer(tiny_cfg, batch):
+    """The self-supervised sequence loss (train.sequence_aux_weight): finite, only the item
+    table gets gradient, and optimizing it alone makes items that share users' histories
+    closer than items that never do."""
+    model = build_model(tiny_cfg())
+    aux = model.sequence_aux_loss(batch.seq_items, batch.seq_mask)
+    assert aux.ndim == 0 and torch.isfinite(aux) and float(aux.detach()) > 0
+    aux.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"embeddings.table.weight"}
+    # nothing to learn from: no sequence encoder, or no row with an event before its newest
+    assert float(build_model(tiny_cfg(sequence={"enabled": False})).sequence_aux_loss(
+        batch.seq_items, batch.seq_mask)) == 0.0  # fmt: skip
+    lone = torch.zeros_like(batch.seq_mask)
+    lone[:, -1] = True
+    assert float(model.sequence_aux_loss(batch.seq_items, lone)) == 0.0
+
+    # Two groups of items, 1..20 and 21..40; every history is drawn from one group only.
+    torch.manual_seed(0)
+    rows = model.embeddings.seq_offset + torch.arange(1, 41)  # their rows in the table
+    table = model.embeddings.table.weight
+
+    def histories(n=128, length=8):
+        group = torch.randint(0, 2, (n, 1))
+        items = 1 + 20 * group + torch.randint(0, 20, (n, length))
+        return items, torch.ones(n, length, dtype=torch.bool)
+
+    def gap():
+        with torch.no_grad():
+            e = torch.nn.functional.normalize(table[rows], dim=1)
+            sim = e @ e.T
+            same = torch.zeros(40, 40, dtype=torch.bool)
+            same[:20, :20] = same[20:, 20:] = True
+            same.fill_diagonal_(False)
+            other = ~same
+            other.fill_diagonal_(False)
+            return float(sim[same].mean() - sim[other].mean())
+
+    before = gap()
+    opt = torch.optim.Adam([table], lr=0.05)
+    for _ in range(60):
+        items, mask = histories()
+        opt.zero_grad()
+        model.sequence_aux_loss(items, mask).backward()
+        opt.step()
+    assert abs(before) < 0.1 and gap() > 0.3, (before, gap())
