@@ -367,11 +367,6 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(default=1e-5, ge=0)
     # AdamW's decoupled decay on the id embedding tables (every row, every step); 0 = none.
     embedding_weight_decay: float = Field(default=0.0, ge=0)
-    # Weight of a self-supervised loss on the user sequences: each newest event's item is
-    # told apart from the other rows' newest items by the mean embedding of its earlier events
-    # (in-batch softmax). It trains the shared item table from every logged event, not only
-    # from labelled candidates; 0 = off.
-    sequence_aux_weight: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=5.0, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear_warmup"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)

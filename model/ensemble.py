@@ -164,31 +164,6 @@ class UnirankModel(nn.Module):
             sparse, multi, dense, user_h, None, seq_gaps, seq_mask, task_type
         )
 
-    def sequence_aux_loss(self, seq_items: torch.Tensor, seq_mask: torch.Tensor) -> torch.Tensor:
-        """Self-supervised next-event loss (train.sequence_aux_weight); training only.
-
-        For each row whose newest event has earlier ones, the mean embedding of the earlier
-        events scores the newest item against the other rows' newest items (in-batch softmax;
-        a row with the same newest item is no negative). Items a user picks together end up
-        close in the shared item table, which the candidate embedding also uses.
-        """
-        zero = torch.zeros((), device=seq_items.device)
-        if self.sequence is None or seq_items.shape[1] < 2:
-            return zero
-        keep = seq_mask[:, -1] & seq_mask[:, :-1].any(1)  # (B,)
-        if int(keep.sum()) < 2:
-            return zero
-        items, mask = seq_items[keep], seq_mask[keep]  # (n, L)
-        emb = self.embeddings.sequence(items).float()  # (n, L, D)
-        before = mask[:, :-1].float().unsqueeze(-1)  # (n, L-1, 1)
-        context = (emb[:, :-1] * before).sum(1) / before.sum(1)  # (n, D)
-        newest = items[:, -1]  # (n,)
-        logits = context @ emb[:, -1].T  # (n, n): row i's context . row j's newest item
-        own = torch.eye(len(newest), dtype=torch.bool, device=newest.device)
-        same = (newest.unsqueeze(0) == newest.unsqueeze(1)) & ~own
-        logits = logits.masked_fill(same, float("-inf"))
-        return nn.functional.cross_entropy(logits, torch.arange(len(newest), device=newest.device))
-
 
 # --------------------------------------------------------------------------- builder
 

@@ -429,10 +429,6 @@ def train_func(config: dict) -> None:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(*b.inputs())
             loss, per_task = criterion({k: v.float() for k, v in logits.items()}, b)
-            if t.sequence_aux_weight > 0:
-                aux = unwrap(model).sequence_aux_loss(b.seq_items, b.seq_mask)
-                loss = loss + t.sequence_aux_weight * aux
-                per_task = {**per_task, "sequence_aux": aux.detach()}
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
