@@ -12,6 +12,8 @@ excluded) and the ratios:
   Data's read tasks keep a free CPU on this 2-CPU cluster);
 * ``ray_train_1_worker_no_cache``: 1 worker with ``train.cache_datasets=false``: every epoch
   streams the parquet again (what splits too large for the object store do);
+* ``ray_train_1_worker_deterministic``: 1 worker with ``train.deterministic=true`` (Ray Data
+  keeps block order, torch deterministic kernels): the price of bit-for-bit reruns;
 * ``plain_loop``: one process, the same split read into memory up front, the same
   FeatureProcessor, model, optimizer and batch size, no Ray at all.
 
@@ -166,12 +168,20 @@ def main() -> None:
             ),  # fmt: skip
             track=False,
         )
+        exact = train.run(
+            load_config(
+                base,
+                [*common, "train.run_name=w1d", "train.num_workers=1", "train.deterministic=true"],
+            ),
+            track=False,
+        )
         plain = plain_loop(load_config(base, common), epochs)
         rows_per_epoch = one.history[-1]["train/rows"]
     ray.shutdown()
     r1, r2 = steady_rows_per_s(one), steady_rows_per_s(two)
     r1_run = steady_rows_per_s(one, exclude_start=True)
     r1_nocache = steady_rows_per_s(nocache)
+    r1_exact = steady_rows_per_s(exact)
     print(
         json.dumps(
             {
@@ -191,6 +201,9 @@ def main() -> None:
                 "ratio_1_worker_after_first_batch_vs_plain": round(r1_run / plain, 3),
                 "ray_train_1_worker_no_cache_rows_per_s": round(r1_nocache),
                 "ratio_1_worker_no_cache_vs_plain": round(r1_nocache / plain, 3),
+                "ray_train_1_worker_deterministic_rows_per_s": round(r1_exact),
+                "ratio_1_worker_deterministic_vs_plain": round(r1_exact / plain, 3),
+                "ratio_1_worker_deterministic_vs_1_worker": round(r1_exact / r1, 3),
                 "ray_train_1_worker_stalls": stalls(one),
                 "ray_train_1_worker_no_cache_stalls": stalls(nocache),
                 "ray_train_2_workers_stalls": stalls(two),

@@ -386,6 +386,11 @@ class TrainConfig(_Strict):
     # epoch starts without re-reading parquet: "auto" when they fit in a share of the store.
     cache_datasets: bool | Literal["auto"] = "auto"
     seed: int = 17
+    # Same data, config and seed -> the same weights and metrics, bit for bit, on one worker:
+    # Ray Data keeps block order (reads, cache, ingest) and torch uses deterministic kernels.
+    # Costs some input throughput; with several workers, which worker gets which block still
+    # follows their pace.
+    deterministic: bool = False
 
 
 class EvaluateConfig(_Strict):

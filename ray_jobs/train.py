@@ -17,6 +17,7 @@ alias), a ``models:/`` URI, or a checkpoint / run directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -246,7 +247,7 @@ def make_trainer(
 ):
     """The TorchTrainer of a run (also used by benchmarks/train_throughput.py and, with a
     TuneReportCallback in ``callbacks``, by each trial of tuning.search)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     where = resolve(cfg.train.storage_path, cfg.storage)
@@ -261,6 +262,8 @@ def make_trainer(
         worker_runtime_env={"env_vars": env} if env else None,
         callbacks=callbacks,
     )
+    ingest = DataConfig.default_ingest_options()  # what the driver's DataContext says
+    ingest.preserve_order = ingest.preserve_order or cfg.train.deterministic
     return TorchTrainer(
         train_func,
         train_loop_config=loop.to_dict(),
@@ -268,19 +271,41 @@ def make_trainer(
         scaling_config=scaling(cfg),
         run_config=run_config,
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
     )
+
+
+@contextlib.contextmanager
+def keep_order(on: bool):
+    """Ray Data keeps block order in this block (train.deterministic) when ``on``."""
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = before or on
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def prepare_loop(cfg: UnirankConfig, mlflow_run_id: str | None = None):
     """Datasets, processor and the workers' TrainLoopConfig for a (possibly resumed) run."""
+    with keep_order(cfg.train.deterministic):
+        return _prepare_loop(cfg, mlflow_run_id)
+
+
+def _prepare_loop(cfg: UnirankConfig, mlflow_run_id: str | None):
     t = cfg.train
     seed = t.seed if t.shuffle_files else None
     train_ds = read_split(cfg, "train", shuffle_seed=seed)
     val_ds = read_split(cfg, "validation")
     if should_cache(cfg):
         # Read once into the object store; every epoch then starts from memory, and the
-        # train blocks are shuffled in a new order per epoch (cheap: no data moves).
-        train_ds = train_ds.materialize().randomize_block_order(seed=None)
+        # train blocks are shuffled in a new order per epoch (cheap: no data moves), the
+        # same sequence of orders for the same train.seed.
+        from ray.data import RandomSeedConfig
+
+        order = RandomSeedConfig(seed=t.seed, reseed_after_execution=True)
+        train_ds = train_ds.materialize().randomize_block_order(seed=order)
         val_ds = val_ds.materialize()
     latest = latest_checkpoint(cfg)
     init = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -371,6 +372,11 @@ def train_func(config: dict) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     torch.manual_seed(t.seed + rank)
+    if t.deterministic:
+        # warn_only: an op without a deterministic kernel (some CUDA ones) warns, not fails
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS: fixed workspaces
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     amp = amp_dtype(device, t.amp)
