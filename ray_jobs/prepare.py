@@ -420,10 +420,10 @@ def _newest_in_files(fs, paths: list[str], ceiling: int | None) -> int | None:
             names = pf.schema_arrow.names
             if "event_time" not in names:
                 raise PrepareError(f"{path}: no event_time column (has {names})")
-            col = names.index("event_time")
+            j = names.index("event_time")
             kind = pf.schema_arrow.field("event_time").type
             for i in range(pf.metadata.num_row_groups):
-                stats = pf.metadata.row_group(i).column(col).statistics
+                stats = pf.metadata.row_group(i).column(j).statistics
                 t = _stat_seconds(stats.max, kind) if stats and stats.has_min_max else None
                 if t is None or (ceiling is not None and t > ceiling):
                     t = _column_max(pf.read_row_group(i, ["event_time"])["event_time"], ceiling)
