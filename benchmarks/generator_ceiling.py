@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from model.config import load_config  # noqa: E402
 from model.metrics import auc  # noqa: E402
@@ -58,7 +59,7 @@ def ceiling(impressions: int, overrides: list[str]) -> dict:
     chunks = [generate_chunk(world, c) for c in range(num_chunks(cfg))]
     imps = pa.concat_tables([c["impressions"] for c in chunks])
     truth = pa.concat_tables([c["truth"] for c in chunks])
-    ads = pa.compute.equal(imps["task_type"], "ads")
+    ads = pc.equal(imps["task_type"], "ads")
     imps, truth = imps.filter(ads), truth.filter(ads)
     y = truth["true_checkout"].to_numpy(zero_copy_only=False)
     ones = np.ones(len(y))
