@@ -17,11 +17,20 @@ from model.storage import list_parquet, resolve
 log = logging.getLogger("unirank")
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
+def job_parser(description: str, job: str | None = None) -> argparse.ArgumentParser:
+    """The jobs' common CLI. ``job`` (a key of ray_jobs.dry_run.JOBS) adds ``--dry-run``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("config", nargs="?", help="YAML config (omit for the embedded defaults)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    if job is not None:
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="print the resolved inputs and outputs as one JSON line and exit (no Ray); "
+            "exit 2 naming the field when a location is empty",
+        )
+        p.set_defaults(dry_run_job=job)
     return p
 
 
@@ -37,6 +46,10 @@ def parse_job_args(
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
+    if getattr(args, "dry_run", False):
+        from ray_jobs import dry_run
+
+        dry_run.run(args.dry_run_job, cfg, args, parser)  # exits
     return args, cfg
 
 

@@ -386,7 +386,7 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = job_parser(__doc__.split("\n\n")[0])
+    parser = job_parser(__doc__.split("\n\n")[0], job="evaluate")
     parser.add_argument("--baselines", action="store_true", help="train single-task baselines")
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory")
     args, cfg = parse_job_args(parser, argv)

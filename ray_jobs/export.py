@@ -259,7 +259,7 @@ def format_result(r: dict) -> str:
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = job_parser(__doc__.split("\n\n")[0])
+    parser = job_parser(__doc__.split("\n\n")[0], job="export")
     parser.add_argument("--checkpoint", default=None, help="checkpoint or run directory")
     args, cfg = parse_job_args(parser, argv)
     result = run(cfg, checkpoint=args.checkpoint, address=args.address)

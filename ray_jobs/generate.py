@@ -178,7 +178,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv=None) -> None:
     setup_logging()
-    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0]), argv)
+    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0], job="generate"), argv)
     init_ray(args.address)
     counts = generate(cfg)
     print(

@@ -273,7 +273,7 @@ def write_movielens(cfg: UnirankConfig) -> dict:
 
 def main(argv=None) -> None:
     setup_logging()
-    _, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0]), argv)
+    _, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0], job="movielens"), argv)
     summary = write_movielens(cfg)
     for split, s in summary["splits"].items():
         print(f"{split:<11} {s['rows']:>8} rows")

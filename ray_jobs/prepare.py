@@ -644,7 +644,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv=None) -> None:
     setup_logging()
-    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0]), argv)
+    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0], job="prepare"), argv)
     init_ray(args.address)
     try:
         summary = prepare(cfg)

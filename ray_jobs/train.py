@@ -438,7 +438,7 @@ def collect(cfg: UnirankConfig, mlflow_run_id: str | None, seconds: float) -> Tr
 
 def main(argv=None) -> None:
     setup_logging()
-    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0]), argv)
+    args, cfg = parse_job_args(job_parser(__doc__.split("\n\n")[0], job="train"), argv)
     result = run(cfg, address=args.address)
     print(json.dumps({"train": result.summary()}, default=str))
 

@@ -232,7 +232,7 @@ def _summary(out) -> tuple[int, str | None]:
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = job_parser(__doc__.split("\n\n")[0])
+    parser = job_parser(__doc__.split("\n\n")[0], job="user_embeddings")
     args, cfg = parse_job_args(parser, argv)
     try:
         result = run(cfg, address=args.address)

@@ -383,7 +383,7 @@ def format_summary(s: dict) -> str:
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = job_parser(__doc__.split("\n\n")[0])
+    parser = job_parser(__doc__.split("\n\n")[0], job="tune")
     parser.add_argument("--no-register", action="store_true", help="skip export + registration")
     args, cfg = parse_job_args(parser, argv)
     init_ray(args.address)
