@@ -111,7 +111,7 @@ def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
         "checkout_delta_ci95": [round(v, 4) for v in b["ci95"]],
         "checkout_auc_oracle": round(refs["oracle"], 4),
         "checkout_auc_sequence_reference": round(refs["sequence_reference"], 4),
-        "click_auc_mtl": round(report["uncalibrated"]["click"]["all"]["auc"], 4),
+        "click_auc_mtl": round(report["uncalibrated"]["click"]["pooled"]["auc"], 4),
     }
 
 

@@ -9,6 +9,7 @@ load time, with the file and the dotted field path, never deep inside a Ray work
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -371,7 +372,14 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "cosine", "linear_warmup"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)
     patience: int = Field(default=2, ge=1)
+    # The objective of early stopping, the search and the champion rule: a weighted mean of
+    # ranking quality *within* each use-case, over task x task_type cells (model.metrics.
+    # within_use_case_objective). objective: task -> weight; objective_task_types:
+    # task_type -> weight (empty = every task_type weighs 1); objective_metric: AUC within
+    # the task_type, or grouped AUC (per user within the task_type: noisier on small data).
     objective: dict[str, float] = Field(default_factory=lambda: {"click": 1.0})
+    objective_task_types: dict[str, float] = Field(default_factory=dict)
+    objective_metric: Literal["auc", "gauc"] = "auc"
     amp: bool = True
     max_failures: int = Field(default=1, ge=0)
     init_from: str | None = None
@@ -400,6 +408,9 @@ class EvaluateConfig(_Strict):
     calibration: Literal["isotonic", "platt", "none"] = "isotonic"
     per_task_type_calibration: bool = True
     bootstrap: int = Field(default=200, ge=0)
+    # Rows are grouped by this categorical feature for grouped AUC (per user within each
+    # task_type); None, or a feature the dataset does not have, skips grouped AUC.
+    group_by: str | None = "user_id"
     baseline_tasks: list[str] | None = None  # None: every task gets a single-task baseline
     output: str | None = None  # default: <train.storage_path>/<train.run_name>/eval
     seed: int = 23
@@ -504,9 +515,30 @@ class UnirankConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> UnirankConfig:
         task_names = {t.name for t in self.dataset.tasks}
-        for key in self.train.objective:
+        for key, w in self.train.objective.items():
             if task_names and key not in task_names:
                 raise ValueError(f"train.objective: task {key!r} is not in dataset.tasks")
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"train.objective.{key}: expected a finite weight >= 0, got {w}")
+        if self.train.objective and not any(w > 0 for w in self.train.objective.values()):
+            raise ValueError("train.objective: at least one task needs a weight > 0")
+        known = set(self.dataset.task_types) | {"unknown"}
+        for key, w in self.train.objective_task_types.items():
+            if key not in known:
+                raise ValueError(
+                    f"train.objective_task_types: {key!r} is not in dataset.task_types "
+                    f"{sorted(self.dataset.task_types)} (use 'unknown' for rows without one)"
+                )
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(
+                    f"train.objective_task_types.{key}: expected a finite weight >= 0, got {w}"
+                )
+        if self.train.objective_task_types and not any(
+            w > 0 for w in self.train.objective_task_types.values()
+        ):
+            raise ValueError("train.objective_task_types: at least one weight must be > 0")
+        if "pooled" in self.dataset.task_types:
+            raise ValueError("dataset.task_types: 'pooled' is reserved for all-rows metrics")
         seen = set()
         for uc in self.use_cases:
             if uc.name in seen:

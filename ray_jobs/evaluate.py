@@ -32,7 +32,7 @@ from model.calibration import Calibrators
 from model.config import UnirankConfig, config_from_dict
 from model.ensemble import build_model
 from model.features import FeatureProcessor
-from model.metrics import auc, evaluate
+from model.metrics import POOLED, auc, evaluate
 from model.storage import Location, resolve
 from ray_jobs import registry
 from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging, write_json
@@ -48,12 +48,13 @@ from ray_jobs.train_loop import (
     CONFIG_FILE,
     PROCESSOR_FILE,
     TrainState,
+    flat_metrics,
+    group_column,
     load_state,
     objective_value,
 )
 
 log = logging.getLogger("unirank.evaluate")
-METRIC_KEYS = ("auc", "logloss", "ne", "ece", "pred_obs")
 
 
 # --------------------------------------------------------------------------- loading
@@ -101,12 +102,16 @@ def predict_split(
     """Stream a split through the feature path and the model (driver side).
 
     Returns preds {task: probabilities}, labels (n, T), masks (n, T), task_type ids (n,),
-    weight (n,), and ids (n,) = request_id with ``with_ids``. ``run_fn(batch) -> {task: probs}``
-    replaces the eager model (e.g. an exported predictor's ``run``).
+    weight (n,), group (n,) = ids of ``evaluate.group_by`` (for grouped AUC) when the dataset
+    has that feature, and ids (n,) = request_id with ``with_ids``.
+    ``run_fn(batch) -> {task: probs}`` replaces the eager model (e.g. an exported predictor's
+    ``run``).
     """
     ds = read_split(cfg, split, validate=False, extra=["request_id"] if with_ids else [])
+    group_col = group_column(processor, cfg.evaluate.group_by)
     preds: dict[str, list] = {}
-    parts: dict[str, list] = {k: [] for k in ("labels", "masks", "task_type", "weight", "ids")}
+    keys = ("labels", "masks", "task_type", "weight", "ids", "group")
+    parts: dict[str, list] = {k: [] for k in keys}
     for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         b = processor(table)
         if run_fn is not None:
@@ -120,6 +125,8 @@ def predict_split(
         parts["masks"].append(b.label_mask.numpy())
         parts["task_type"].append(b.task_type.numpy())
         parts["weight"].append(b.weight.numpy())
+        if group_col is not None:
+            parts["group"].append(b.sparse[:, group_col].numpy())
         if with_ids and "request_id" in table.column_names:
             parts["ids"].append(table.column("request_id").to_numpy(zero_copy_only=False))
     if not parts["weight"]:
@@ -154,6 +161,7 @@ def split_metrics(pred: dict, processor: FeatureProcessor, preds: dict | None = 
         pred["task_type"],
         lay.task_types,
         pred["weight"],
+        pred.get("group"),
     )
 
 
@@ -315,8 +323,8 @@ def run(
         "best_epoch": trained.state.best_epoch,
         "split": split,
         "rows": int(len(pred["weight"])),
-        "objective": objective_value(raw, trained.cfg.train.objective),
-        "objective_weights": trained.cfg.train.objective,
+        "objective": objective_value(raw, trained.cfg.train),
+        "objective_definition": objective_definition(trained.cfg),
         "calibration": {
             "method": cfg.evaluate.calibration,
             "per_task_type": cfg.evaluate.per_task_type_calibration,
@@ -349,14 +357,7 @@ def run(
         run_id = registry.run_id_of(cfg)
         if run_id:
             registry.log_artifacts(run_id, tmp, "eval")
-            flat = {
-                f"{split}/{t}/{k}": v[k]
-                for t, by in report["metrics"].items()
-                for tt, v in by.items()
-                if tt == "all"
-                for k in METRIC_KEYS
-                if v.get(k) is not None
-            }
+            flat = flat_metrics(split, report["metrics"])
             flat[f"{split}/objective"] = report["objective"]
             registry.log_metrics(run_id, flat)
     report["output"] = out.uri
@@ -365,15 +366,41 @@ def run(
     return report
 
 
+def objective_definition(cfg: UnirankConfig) -> dict:
+    """What ``objective`` means in a report or a registry tag (``train.objective*``)."""
+    t = cfg.train
+    return {
+        "metric": f"within-use-case {t.objective_metric}",
+        "task_weights": t.objective,
+        "task_type_weights": t.objective_task_types or "equal",
+    }
+
+
+def _f(v, spec: str) -> str:
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
 def format_report(r: dict) -> str:
-    lines = [f"{r['run']} on {r['split']} ({r['rows']} rows), objective {r['objective']:.4f}"]
+    """The within-use-case table (one row per task x task_type), then the pooled rows."""
+    head = f"{r['run']} on {r['split']} ({r['rows']} rows)"
+    lines = [
+        f"{head}, objective {_f(r['objective'], '.4f')} "
+        f"(mean {r['objective_definition']['metric']} over task x task_type)",
+        f"  {'task':<12} {'task_type':<14} {'rows':>7} {'auc':>6} {'gauc':>6} {'users':>6} "
+        f"{'ne':>6} {'ece':>6} {'pred/obs':>8}",
+    ]
+
+    def row(task: str, tt: str, m: dict) -> str:
+        return (
+            f"  {task:<12} {tt:<14} {m['count']:>7} {_f(m['auc'], '6.3f')} "
+            f"{_f(m.get('gauc'), '6.3f')} {m.get('gauc_groups') or '-':>6} "
+            f"{_f(m['ne'], '6.3f')} {_f(m['ece'], '6.4f')} {_f(m['pred_obs'], '8.3f')}"
+        )
+
     for task, by in r["metrics"].items():
-        for tt, m in by.items():
-            lines.append(
-                f"  {task:<12} {tt:<14} n={m['count']:<6} auc {m['auc'] or float('nan'):.4f}  "
-                f"logloss {m['logloss'] or float('nan'):.4f}  ne {m['ne'] or float('nan'):.3f}  "
-                f"ece {m['ece'] or float('nan'):.4f}  pred/obs {m['pred_obs'] or float('nan'):.3f}"
-            )
+        lines += [row(task, tt, m) for tt, m in by.items() if tt != POOLED]
+    lines.append("  pooled across use-cases (base-rate gaps inflate it; not an objective):")
+    lines += [row(task, POOLED, by[POOLED]) for task, by in r["metrics"].items() if POOLED in by]
     for task, b in r.get("baselines", {}).items():
         lo, hi = b["ci95"]
         lines.append(

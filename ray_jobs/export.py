@@ -13,7 +13,10 @@ only when the new version wins.
    signature and an input example, and register it as a new version of
    ``mlflow.registered_model``.
 4. Score the current ``@champion`` on the same rows; the alias moves to the new version only
-   if its objective (``train.objective``: weighted per-task AUC) is strictly higher.
+   if its objective (``train.objective``: the weighted mean of within-use-case AUC per
+   task x task_type) is strictly higher on the **validation** split. The test split
+   (``evaluate.split``) is scored and recorded too, but never decides: choosing on it would
+   make the reported test figure optimistic.
 
 Serving: ``model.registry.download_serving_dir("models:/unirank@champion")``.
 """
@@ -43,9 +46,18 @@ from model.registry import (
 from model.storage import list_parquet
 from ray_jobs import registry
 from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging
-from ray_jobs.evaluate import fit_calibrators, load_trained, predict_split, split_metrics
+from ray_jobs.evaluate import (
+    fit_calibrators,
+    load_trained,
+    objective_definition,
+    predict_split,
+    split_metrics,
+)
 from ray_jobs.train import fetch_checkpoint, needed_columns, read_split, resolve_paths
 from ray_jobs.train_loop import BEST_MODEL_FILE, CONFIG_FILE, PROCESSOR_FILE, objective_value
+
+# The split that decides the champion; evaluate.split (test) is only reported.
+DECISION_SPLIT = "validation"
 
 log = logging.getLogger("unirank.export")
 MODEL_NAME = "model"  # the LoggedModel's name inside the MLflow run
@@ -128,7 +140,16 @@ def score_export(path: Path, cfg: UnirankConfig, split: str) -> float:
     predictor = load_predictor(path, cuda_graphs=False)
     pred = predict_split(None, predictor.processor, cfg, split, run_fn=predictor.run)
     metrics = split_metrics(pred, predictor.processor)
-    return objective_value(metrics, cfg.train.objective)
+    return objective_value(metrics, cfg.train)
+
+
+def recorded_objective(tags: dict, cfg: UnirankConfig, split: str) -> float | None:
+    """A version's recorded objective, only if it was measured the way we measure now (same
+    split and definition); else None, and the champion is kept (nothing to compare with)."""
+    same = tags.get("objective_split") == split and tags.get("objective_definition") == (
+        json.dumps(objective_definition(cfg))
+    )
+    return float(tags["objective"]) if same and tags.get("objective") else None
 
 
 def champion_version(cfg: UnirankConfig):
@@ -149,7 +170,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
     cfg = resolve_paths(cfg)
     init_ray(address)
     trained = load_trained(cfg, checkpoint)
-    proc, split = trained.processor, cfg.evaluate.split
+    proc, split, report_split = trained.processor, DECISION_SPLIT, cfg.evaluate.split
     val = predict_split(trained.model, proc, cfg, "validation")
     calibrators = fit_calibrators(cfg, proc, val)
     m = cfg.mlflow
@@ -167,6 +188,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
         for f in (BEST_MODEL_FILE, PROCESSOR_FILE, CONFIG_FILE):
             shutil.copy(ckpt / f, training / f)
         new_objective = score_export(serving, cfg, split)
+        reported = None if report_split == split else score_export(serving, cfg, report_split)
 
         champ = champion_version(cfg)
         champ_objective = None
@@ -177,8 +199,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
                 )
                 champ_objective = score_export(champ_dir, cfg, split)
             except Exception as exc:  # noqa: BLE001 - e.g. a champion with another feature spec
-                recorded = (champ.tags or {}).get("objective")
-                champ_objective = float(recorded) if recorded else None
+                champ_objective = recorded_objective(champ.tags or {}, cfg, split)
                 log.warning(
                     "champion v%s cannot be scored on this data (%s); using its recorded "
                     "objective %s", champ.version, exc, champ_objective,
@@ -203,7 +224,8 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
     tags = {
         "objective": f"{new_objective:.6f}",
         "objective_split": split,
-        "objective_weights": json.dumps(trained.cfg.train.objective),
+        "objective_definition": json.dumps(objective_definition(cfg)),
+        **({} if reported is None else {f"{report_split}_objective": f"{reported:.6f}"}),
         "run_name": cfg.train.run_name,
         "checkpoint": trained.checkpoint.uri,
         "serving_artifact": f"artifacts/{SERVING_ARTIFACT}",
@@ -224,6 +246,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
         "retrieval_index": index_info,
         "objective": new_objective,
         "objective_split": split,
+        f"{report_split}_objective": new_objective if reported is None else reported,
         "champion_before": None
         if champ is None
         else {"version": str(champ.version), "objective": champ_objective},
@@ -246,12 +269,13 @@ def format_result(r: dict) -> str:
     before = r["champion_before"]
     if before is None:
         return (
-            f"registered {r['registered_model']} v{r['version']} (objective "
-            f"{r['objective']:.4f}); first version -> @champion"
+            f"registered {r['registered_model']} v{r['version']} ({r['objective_split']} "
+            f"objective {r['objective']:.4f}); first version -> @champion"
         )
     margin = "n/a" if r["margin"] is None else f"{r['margin']:+.4f}"
     return (
-        f"registered {r['registered_model']} v{r['version']}: objective {r['objective']:.4f} vs "
+        f"registered {r['registered_model']} v{r['version']}: {r['objective_split']} objective "
+        f"{r['objective']:.4f} vs "
         f"champion v{before['version']} {_num(before['objective'])}: winner {r['winner']} by {margin}; "
         f"@champion -> v{r['champion']}"
     )

@@ -41,7 +41,7 @@ from model.config import TrainConfig, UnirankConfig
 from model.ensemble import build_model, param_groups
 from model.features import FeatureProcessor
 from model.losses import MultiTaskLoss
-from model.metrics import evaluate
+from model.metrics import POOLED, evaluate, group_name, within_use_case_objective
 
 log = logging.getLogger("unirank.train")
 
@@ -125,15 +125,11 @@ class ProcessorCollate(ArrowBatchCollateFn):
         return out._map(torch.Tensor.pin_memory) if self.pin_memory else out
 
 
-def objective_value(metrics: Mapping[str, Mapping], weights: Mapping[str, float]) -> float:
-    """Weighted mean of per-task AUC over all task types (train.objective); NaN AUCs (a task
-    without both classes) are left out and the weights renormalized; -inf if none is left."""
-    num = den = 0.0
-    for task, w in weights.items():
-        a = metrics.get(task, {}).get("all", {}).get("auc", float("nan"))
-        if w > 0 and a is not None and math.isfinite(a):
-            num, den = num + w * a, den + w
-    return num / den if den > 0 else float("-inf")
+def objective_value(metrics: Mapping[str, Mapping], t: TrainConfig) -> float:
+    """``train.objective``: the weighted mean of within-use-case ranking quality (AUC or
+    grouped AUC per task x task_type, never the pooled AUC); -inf if no cell is finite."""
+    tt_weights = {group_name(k): v for k, v in t.objective_task_types.items()} or None
+    return within_use_case_objective(metrics, t.objective, tt_weights, t.objective_metric)
 
 
 def lr_lambda(t: TrainConfig, total_steps: int):
@@ -210,10 +206,30 @@ def timed(it: Iterator[Batch], waits: list[float]) -> Iterator[Batch]:
 # --------------------------------------------------------------------------- validation
 
 
-def predict_shard(model: nn.Module, it, device: torch.device, amp: torch.dtype | None) -> dict:
-    """Probabilities (sigmoid of the logits) and labels for one pass over ``it``."""
+def group_column(processor: FeatureProcessor, name: str | None) -> int | None:
+    """Index in ``Batch.sparse`` of the grouped-AUC feature (``evaluate.group_by``), if any."""
+    names = processor.layout.sparse_names
+    return names.index(name) if name is not None and name in names else None
+
+
+def predict_shard(
+    model: nn.Module,
+    it,
+    device: torch.device,
+    amp: torch.dtype | None,
+    group_col: int | None = None,
+) -> dict:
+    """Probabilities (sigmoid of the logits) and labels for one pass over ``it``; with
+    ``group_col``, the ids of that sparse feature as ``group`` (for grouped AUC)."""
     model.eval()
-    parts: dict[str, list] = {"labels": [], "masks": [], "task_type": [], "weight": []}
+    keys = (
+        "labels",
+        "masks",
+        "task_type",
+        "weight",
+        *(("group",) if group_col is not None else ()),
+    )
+    parts: dict[str, list] = {k: [] for k in keys}
     preds: dict[str, list] = {}
     with torch.inference_mode():
         for b in it:
@@ -226,6 +242,8 @@ def predict_shard(model: nn.Module, it, device: torch.device, amp: torch.dtype |
             parts["masks"].append(b.label_mask.cpu().numpy())
             parts["task_type"].append(b.task_type.cpu().numpy())
             parts["weight"].append(b.weight.cpu().numpy())
+            if group_col is not None:
+                parts["group"].append(b.sparse[:, group_col].cpu().numpy())
     model.train()
     return {
         "preds": {t: np.concatenate(v) for t, v in preds.items()},
@@ -248,14 +266,12 @@ def gather(local: dict) -> dict:
         return local
     return {
         "preds": {t: np.concatenate([p["preds"][t] for p in parts]) for t in parts[0]["preds"]},
-        **{
-            k: np.concatenate([p[k] for p in parts])
-            for k in ("labels", "masks", "task_type", "weight")
-        },  # fmt: skip
+        **{k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "preds"},
     }
 
 
 def validation_metrics(pred: dict, processor: FeatureProcessor) -> dict:
+    """Per task x task_type metrics (``model.metrics.evaluate``) of gathered predictions."""
     lay = processor.layout
     if not len(pred["weight"]):
         return {}
@@ -267,30 +283,40 @@ def validation_metrics(pred: dict, processor: FeatureProcessor) -> dict:
         pred["task_type"].astype(np.int64),
         lay.task_types,
         pred["weight"],
+        pred.get("group"),
     )
 
 
+METRIC_KEYS = ("auc", "gauc", "logloss", "ne", "ece", "pred_obs")
+
+
 def flat_metrics(prefix: str, metrics: Mapping[str, Mapping[str, Mapping]]) -> dict[str, float]:
-    """{task: {task_type: {auc: ..}}} -> {"val/click/ads/auc": ..}; "all" -> "val/click/auc"."""
+    """{task: {task_type: {auc: ..}}} -> {"val/click/ads/auc": .., "val/click/pooled/auc": ..}.
+
+    Task-type keys are already valid MLflow names (``model.metrics.group_name``)."""
     out = {}
     for task, by_type in metrics.items():
         for tt, m in by_type.items():
-            base = f"{prefix}/{task}" if tt == "all" else f"{prefix}/{task}/{tt}"
-            for k in ("auc", "logloss", "ne", "ece", "pred_obs"):
+            for k in METRIC_KEYS:
                 v = m.get(k)
                 if v is not None and math.isfinite(v):
-                    out[f"{base}/{k}"] = float(v)
+                    out[f"{prefix}/{task}/{tt}/{k}"] = float(v)
     return out
 
 
 def format_epoch(epoch: int, epochs: int, row: dict, metrics: dict, best: bool) -> str:
-    per_task = "  ".join(
-        f"{t} auc {m['all']['auc']:.4f} ne {m['all']['ne']:.3f}" for t, m in metrics.items()
-    )
+    """One log line: loss, speed, the objective and per task the range of within-use-case AUC
+    (the pooled AUC is left out: it mostly measures base-rate gaps between use-cases)."""
+    per_task = []
+    for task, by_type in metrics.items():
+        aucs = [m["auc"] for tt, m in by_type.items() if tt != POOLED and math.isfinite(m["auc"])]
+        if aucs:
+            per_task.append(f"{task} auc {min(aucs):.3f}..{max(aucs):.3f} ({len(aucs)} types)")
     return (
         f"epoch {epoch}/{epochs}  loss {row['train/loss']:.4f}  "
         f"{row['train/rows_per_s']:.0f} rows/s  "
-        f"val objective {row['val/objective']:.4f}{' (best)' if best else ''}  | {per_task}"
+        f"val objective {row['val/objective']:.4f}{' (best)' if best else ''}  | "
+        + "  ".join(per_task)
     )
 
 
@@ -414,7 +440,7 @@ def train_func(config: dict) -> None:
     tracker = _Tracker(cfg.mlflow.tracking_uri, lc.mlflow_run_id, rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    weights = t.objective
+    group_col = group_column(processor, cfg.evaluate.group_by)
 
     done = state.stopped_early or state.epoch >= t.epochs
     for epoch in range(state.epoch + 1, t.epochs + 1):
@@ -460,10 +486,10 @@ def train_func(config: dict) -> None:
         # ---- validate (every rank its shard, then all-gather)
         t_val = time.perf_counter()
         val_it = batches(val_shard, processor, t.batch_size, on_gpu, t.prefetch_batches)
-        local = predict_shard(model, val_it, device, amp)
+        local = predict_shard(model, val_it, device, amp, group_col)
         metrics = validation_metrics(gather(local), processor)
         val_s = time.perf_counter() - t_val
-        objective = objective_value(metrics, weights)
+        objective = objective_value(metrics, t)
         improved = objective > state.best_objective + 1e-6
         if improved:
             state.best_objective, state.best_epoch, state.bad_epochs = objective, epoch, 0

@@ -90,6 +90,16 @@ def test_cross_field_checks():
         load_config(None, ["dataset.features.categorical.2.share_with=nope"])
     with pytest.raises(ConfigError, match="objective: task 'revenue'"):
         load_config(None, ["train.objective={revenue: 1.0}"])
+    with pytest.raises(ConfigError, match="objective_task_types: 'sports' is not in dataset"):
+        load_config(None, ["train.objective_task_types={sports: 1.0}"])
+    with pytest.raises(ConfigError, match="objective.click: expected a finite weight >= 0"):
+        load_config(None, ["train.objective={click: .nan}"])
+    with pytest.raises(ConfigError, match="at least one task needs a weight > 0"):
+        load_config(None, ["train.objective={click: 0.0}"])
+    with pytest.raises(ConfigError, match="objective_metric"):
+        load_config(None, ["train.objective_metric=pooled_auc"])
+    ok = load_config(None, ["train.objective_task_types={ads: 2.0, unknown: 1.0}"]).train
+    assert ok.objective_task_types == {"ads": 2.0, "unknown": 1.0}
     with pytest.raises(ConfigError, match="exactly one of vocab_size, hash_buckets"):
         load_config(None, ["dataset.features.categorical.0.vocab_size=10"])
 

@@ -56,8 +56,8 @@ def test_beats_logistic_regression_on_sparse_checkout(trained, make_table, test_
         test_b.task_type.numpy(),
         proc.layout.task_types,
     )
-    assert res["click"]["all"]["auc"] > 0.65
-    assert res["click"]["all"]["ne"] < 1.0
+    assert res["click"]["pooled"]["auc"] > 0.65
+    assert res["click"]["pooled"]["ne"] < 1.0
 
 
 def test_recent_events_move_the_user_vector_more(trained, test_batch):

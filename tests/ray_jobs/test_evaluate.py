@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -27,13 +28,24 @@ def test_report_per_task_and_task_type_with_a_single_task_baseline(
     assert report["checkpoint"] == r.checkpoint
     assert set(report["metrics"]) == {"click", "add_to_cart", "checkout", "engage"}
     click = report["metrics"]["click"]
-    assert {"all", "ads", "notifications", "related_items", "search", "category"} <= set(click)
-    assert set(report["metrics"]["checkout"]) == {"all", "ads"}  # observed for ads only
+    assert {"pooled", "ads", "notifications", "related_items", "search", "category"} <= set(click)
+    assert set(report["metrics"]["checkout"]) == {"pooled", "ads"}  # observed for ads only
     for key in ("auc", "logloss", "ne", "ece", "pred_obs", "count"):
-        assert key in click["all"]
-    assert click["all"]["auc"] > 0.55  # learned something in a few dozen steps
+        assert key in click["pooled"]
+    # grouped AUC (per user) within each use-case, with the number of users it averages
+    assert 0 < click["ads"]["gauc"] < 1 and click["ads"]["gauc_groups"] > 10
+    assert "gauc" not in click["pooled"]
+    assert click["pooled"]["auc"] > 0.55  # learned something in a few dozen steps
     # calibrated on validation: predicted / observed close to 1 on test
-    assert 0.7 < click["all"]["pred_obs"] < 1.3
+    assert 0.7 < click["pooled"]["pred_obs"] < 1.3
+    # the objective is the within-use-case mean, not the pooled AUC
+    per_task = [
+        np.mean([m["auc"] for tt, m in report["metrics"][t].items() if tt != "pooled"])
+        for t in ("click", "checkout")
+    ]
+    assert report["objective"] == pytest.approx(np.mean(per_task))
+    table = evaluate.format_report(report)
+    assert "click        ads" in table and "pooled across use-cases" in table
     corr = report["label_correlation"]
     assert corr["tasks"] == ["click", "add_to_cart", "checkout", "engage"]
     assert corr["corr"][0][0] == 1.0 and corr["rows"][1][3] == 0  # never both observed
@@ -53,6 +65,6 @@ def test_report_per_task_and_task_type_with_a_single_task_baseline(
     client = MlflowClient(cfg.mlflow.tracking_uri)
     names = {a.path for a in client.list_artifacts(r.mlflow_run_id, "eval")}
     assert {"eval/report.json", "eval/plots"} <= names
-    assert client.get_run(r.mlflow_run_id).data.metrics["test/click/auc"] == pytest.approx(
-        click["all"]["auc"]
-    )
+    logged = client.get_run(r.mlflow_run_id).data.metrics
+    assert logged["test/click/pooled/auc"] == pytest.approx(click["pooled"]["auc"])
+    assert logged["test/click/ads/gauc"] == pytest.approx(click["ads"]["gauc"])

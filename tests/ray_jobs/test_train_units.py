@@ -13,12 +13,19 @@ from ray_jobs.train_loop import TrainState, flat_metrics, lr_lambda, objective_v
 pytestmark = pytest.mark.unit
 
 
-def test_objective_is_weighted_auc_and_skips_nan_tasks():
-    m = {"click": {"all": {"auc": 0.7}}, "checkout": {"all": {"auc": 0.9}}}
-    assert objective_value(m, {"click": 1.0, "checkout": 3.0}) == pytest.approx(0.85)
-    m["checkout"]["all"]["auc"] = float("nan")
-    assert objective_value(m, {"click": 1.0, "checkout": 3.0}) == pytest.approx(0.7)
-    assert objective_value({}, {"click": 1.0}) == float("-inf")
+def test_objective_is_weighted_within_use_case_auc_and_skips_nan_cells():
+    m = {
+        "click": {"pooled": {"auc": 0.99}, "ads": {"auc": 0.7}, "unknown": {"auc": 0.6}},
+        "checkout": {"pooled": {"auc": 0.1}, "ads": {"auc": 0.9}},
+    }
+    t = TrainConfig(objective={"click": 1.0, "checkout": 3.0})
+    assert objective_value(m, t) == pytest.approx((1 * (0.7 + 0.6) / 2 + 3 * 0.9) / 4)
+    # task_type weights as configured (rows without a task_type form the "unknown" group)
+    t2 = TrainConfig(objective={"click": 1.0}, objective_task_types={"unknown": 1.0})
+    assert objective_value(m, t2) == pytest.approx(0.6)
+    m["checkout"]["ads"]["auc"] = float("nan")
+    assert objective_value(m, t) == pytest.approx(0.65)  # checkout has no finite cell left
+    assert objective_value({}, TrainConfig()) == float("-inf")
 
 
 def test_lr_schedules():
@@ -37,9 +44,14 @@ def test_state_round_trips_with_no_best_yet():
 
 def test_flat_metrics_names():
     flat = flat_metrics(
-        "val", {"click": {"all": {"auc": 0.6, "ne": math.nan}, "ads": {"auc": 0.5}}}
+        "val",
+        {"click": {"pooled": {"auc": 0.6, "ne": math.nan}, "ads": {"auc": 0.5, "gauc": 0.55}}},
     )
-    assert flat == {"val/click/auc": 0.6, "val/click/ads/auc": 0.5}
+    assert flat == {
+        "val/click/pooled/auc": 0.6,
+        "val/click/ads/auc": 0.5,
+        "val/click/ads/gauc": 0.55,
+    }
 
 
 def test_label_correlation_and_bootstrap():
