@@ -137,6 +137,57 @@ def predict_split(
     }
 
 
+def reference_metrics(cfg: UnirankConfig, processor: FeatureProcessor, split: str) -> dict | None:
+    """Per task x task_type metrics of the log reference (``ray_jobs.reference``) on the same
+    rows, for synthetic data only (the generator's world is rebuilt from ``cfg.generate``,
+    which must be the config the data was generated with); None for other sources."""
+    if cfg.dataset.source != "synthetic":
+        return None
+    from ray_jobs.reference import COLUMNS, log_reference
+    from ray_jobs.synthetic import World
+
+    world = World.build(cfg.generate)
+    ds = read_split(cfg, split, validate=False, extra=list(COLUMNS))
+    names = processor.layout.task_names
+    preds: dict[str, list] = {t: [] for t in names}
+    parts: dict[str, list] = {k: [] for k in ("labels", "masks", "task_type", "weight", "group")}
+    group_col = group_column(processor, cfg.evaluate.group_by)
+    for table in ds.iter_batches(batch_size=8192, batch_format="pyarrow"):
+        b = processor(table)
+        ref = log_reference(world, table)
+        for t in names:
+            preds[t].append(ref.get(t, np.full(len(b), np.nan)))
+        parts["labels"].append(b.labels.numpy())
+        parts["masks"].append(b.label_mask.numpy())
+        parts["task_type"].append(b.task_type.numpy())
+        parts["weight"].append(b.weight.numpy())
+        if group_col is not None:
+            parts["group"].append(b.sparse[:, group_col].numpy())
+    pred = {
+        "preds": {t: np.concatenate(v) for t, v in preds.items()},
+        **{k: np.concatenate(v) for k, v in parts.items() if v},
+    }
+    return split_metrics(pred, processor)
+
+
+def reference_shares(metrics: dict, reference: dict) -> dict:
+    """{task: {task_type: {"reference_auc", "share"}}}: the model's share of the reference's
+    lift over chance in every within-use-case cell."""
+    from ray_jobs.reference import lift_share
+
+    out: dict = {}
+    for task, by_type in metrics.items():
+        for tt, m in by_type.items():
+            ref = reference.get(task, {}).get(tt, {}).get("auc")
+            if tt != POOLED and ref is not None:
+                out.setdefault(task, {})[tt] = {
+                    "reference_auc": ref,
+                    "reference_gauc": reference[task][tt].get("gauc"),
+                    "share": lift_share(m.get("auc"), ref),
+                }
+    return out
+
+
 def fit_calibrators(cfg: UnirankConfig, processor: FeatureProcessor, val: dict) -> Calibrators:
     """Calibrators on validation predictions. Sample weights undo negative down-sampling,
     so no extra r-correction is needed."""
@@ -317,6 +368,7 @@ def run(
     type_names = np.asarray(proc.layout.task_types, dtype=object)[pred["task_type"]]
     calibrated = calibrators.apply(pred["preds"], type_names)
     raw = split_metrics(pred, proc)
+    reference = reference_metrics(cfg, proc, split)
     report = {
         "run": cfg.train.run_name,
         "checkpoint": trained.checkpoint.uri,
@@ -333,6 +385,7 @@ def run(
         },
         "metrics": split_metrics(pred, proc, calibrated),
         "uncalibrated": raw,
+        **({} if reference is None else {"reference": reference_shares(raw, reference)}),
         "label_correlation": label_correlation(pred, names),
     }
     if baselines:
@@ -381,24 +434,37 @@ def _f(v, spec: str) -> str:
 
 
 def format_report(r: dict) -> str:
-    """The within-use-case table (one row per task x task_type), then the pooled rows."""
+    """The within-use-case table (one row per task x task_type, with the log reference and
+    the model's share of its lift when the data is synthetic), then the pooled rows."""
     head = f"{r['run']} on {r['split']} ({r['rows']} rows)"
+    refs = r.get("reference") or {}
     lines = [
         f"{head}, objective {_f(r['objective'], '.4f')} "
         f"(mean {r['objective_definition']['metric']} over task x task_type)",
         f"  {'task':<12} {'task_type':<14} {'rows':>7} {'auc':>6} {'gauc':>6} {'users':>6} "
-        f"{'ne':>6} {'ece':>6} {'pred/obs':>8}",
+        f"{'ne':>6} {'ece':>6} {'pred/obs':>8}" + ("  ref_auc  share" if refs else ""),
     ]
 
+    raw = r.get("uncalibrated") or r["metrics"]
+
     def row(task: str, tt: str, m: dict) -> str:
+        ref = refs.get(task, {}).get(tt)
+        tail = f"  {_f(ref['reference_auc'], '7.3f')} {_f(ref['share'], '6.2f')}" if ref else ""
+        rank = raw.get(task, {}).get(tt, m)  # ranking from raw scores (no isotonic ties)
         return (
-            f"  {task:<12} {tt:<14} {m['count']:>7} {_f(m['auc'], '6.3f')} "
-            f"{_f(m.get('gauc'), '6.3f')} {m.get('gauc_groups') or '-':>6} "
-            f"{_f(m['ne'], '6.3f')} {_f(m['ece'], '6.4f')} {_f(m['pred_obs'], '8.3f')}"
+            f"  {task:<12} {tt:<14} {m['count']:>7} {_f(rank['auc'], '6.3f')} "
+            f"{_f(rank.get('gauc'), '6.3f')} {rank.get('gauc_groups') or '-':>6} "
+            f"{_f(m['ne'], '6.3f')} {_f(m['ece'], '6.4f')} {_f(m['pred_obs'], '8.3f')}" + tail
         )
 
     for task, by in r["metrics"].items():
         lines += [row(task, tt, m) for tt, m in by.items() if tt != POOLED]
+    lines.append("  auc / gauc from raw scores; ne / ece / pred/obs after calibration")
+    if refs:
+        lines.append(
+            "  share = (auc - 0.5) / (ref_auc - 0.5); ref_auc = the generator's formula fed "
+            "from the logged columns (ray_jobs.reference)"
+        )
     lines.append("  pooled across use-cases (base-rate gaps inflate it; not an objective):")
     lines += [row(task, POOLED, by[POOLED]) for task, by in r["metrics"].items() if POOLED in by]
     for task, b in r.get("baselines", {}).items():

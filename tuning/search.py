@@ -5,8 +5,10 @@
 Each trial runs ``ray_jobs.train`` (its TorchTrainer, its train_func) with the trial's point
 applied to the config as overrides (``tuning.space``): the Ray Train V2 + Tune pattern, a trial
 function that builds and fits the TorchTrainer, with ``TuneReportCallback`` forwarding the
-per-epoch validation metrics to Tune. ASHA stops weak trials early on ``val/objective`` (the
-configured scalar, ``train.objective``). One MLflow parent run per search, a child run per
+per-epoch validation metrics to Tune. ASHA stops weak trials early on ``val/objective``: the
+within-use-case objective (``train.objective``: per task, the mean AUC within each task_type,
+weighted over tasks), never an AUC pooled across use-cases, which mostly rewards their
+different base rates. One MLflow parent run per search, a child run per
 trial. Results (CSV + JSON table, plots) go to ``tune.storage_path/tune.name/results`` and to
 the parent run; the best trial's checkpoint is exported and registered through the training
 job's own code path (``ray_jobs.export.run``), champion rule included.

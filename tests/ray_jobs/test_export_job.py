@@ -23,6 +23,10 @@ from serve_apps.settings import AppSettings
 pytestmark = pytest.mark.integration
 
 
+def serving_dir(name, tmp_path):
+    return download_serving_dir(model_uri_for(name, "champion"), tmp_path / "champ")
+
+
 def test_register_champion_rule_load_by_alias_and_warm_start(
     trained_run, train_cfg, smoke_data, mlflow_server, tmp_path
 ):
@@ -39,6 +43,12 @@ def test_register_champion_rule_load_by_alias_and_warm_start(
     champ = client.get_model_version_by_alias(name, "champion")
     assert champ.version == first["version"]
     assert float(champ.tags["objective"]) == pytest.approx(first["objective"], abs=1e-6)
+    # The champion rule decides on validation; the test split is scored but only reported.
+    assert first["objective_split"] == champ.tags["objective_split"] == "validation"
+    assert float(champ.tags["test_objective"]) == pytest.approx(first["test_objective"], abs=1e-6)
+    assert export.score_export(serving_dir(name, tmp_path), cfg, "validation") == pytest.approx(
+        first["objective"], abs=1e-9
+    )
     info = mlflow.models.get_model_info(first["model_uri"])
     assert {"item_id", "seq_item_ids", "task_type"} <= set(info.signature.inputs.input_names())
     assert info.saved_input_example_info is not None

@@ -73,3 +73,22 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _abs_sqlite("sqlite:///out/mlflow.db") == f"sqlite:///{tmp_path}/out/mlflow.db"
     assert _abs_sqlite("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_recorded_objective_counts_only_if_measured_the_same_way():
+    """An old champion that cannot be rescored keeps its recorded objective only when it was
+    measured on validation with today's definition; a test-split or pooled figure is not
+    comparable (the champion is then kept)."""
+    import json
+
+    from model.config import load_config
+    from ray_jobs.evaluate import objective_definition
+    from ray_jobs.export import recorded_objective
+
+    cfg = load_config(None)
+    same = {"objective": "0.61", "objective_split": "validation",
+            "objective_definition": json.dumps(objective_definition(cfg))}  # fmt: skip
+    assert recorded_objective(same, cfg, "validation") == pytest.approx(0.61)
+    assert recorded_objective({**same, "objective_split": "test"}, cfg, "validation") is None
+    assert recorded_objective({"objective": "0.9", "objective_split": "validation"}, cfg,
+                              "validation") is None  # fmt: skip
