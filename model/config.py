@@ -150,6 +150,16 @@ def default_feature_spec() -> FeatureSpec:
             cat(name="device", vocab_size=8),
             cat(name="hour", vocab_size=24),
             cat(name="surface", vocab_size=8),
+            # item content: words share the query vocabulary, categories the category table
+            cat(name="brand_id", hash_buckets=10_000),
+            cat(name="price_tier", vocab_size=16),
+            cat(name="release_year_bucket", vocab_size=64),
+            cat(name="title_tokens", share_with="query_tokens", multi=True, max_len=8),
+            cat(name="item_categories", share_with="category_id", multi=True, max_len=4),
+            # user profile
+            cat(name="declared_interests", share_with="category_id", multi=True, max_len=4),
+            cat(name="region", hash_buckets=1_000),
+            cat(name="age_band", vocab_size=16),
         ],
         numeric=[
             NumericFeature(name="price", log1p=True),
@@ -234,6 +244,37 @@ class GenerateConfig(_Strict):
     atc_delay_log_sigma: float = 1.3
     checkout_delay_log_mu: float = 2.5
     checkout_delay_log_sigma: float = 1.2
+    # What the logs carry besides ids: each feature is a noisy view of the hidden item or user
+    # vector. A *_noise knob is the probability that a value is replaced by a random one: 0
+    # logs the view exactly, 1 makes it uninformative.
+    # Items: brand (the nearest of num_brands brand centres in the latent space), price tier
+    # (quantile of the item's position on a "premium" direction, which also moves its price),
+    # category (the cluster the item was drawn around) and title tokens (words picked by the
+    # item vector from the query-token vocabulary; the first names the category).
+    num_brands: int = Field(default=400, gt=0)
+    brand_noise: float = Field(default=0.2, ge=0, le=1)
+    num_price_tiers: int = Field(default=5, gt=0)
+    price_tier_noise: float = Field(default=0.1, ge=0, le=1)
+    item_category_noise: float = Field(default=0.05, ge=0, le=1)
+    title_len: int = Field(default=4, ge=0)
+    title_noise: float = Field(default=0.3, ge=0, le=1)
+    # Users: declared interests (the categories nearest to the user's interest at sign-up, as
+    # a few ids; only profile_fill_rate of users fill them in), region (the nearest of
+    # num_regions region centres) and age band (quantile on an "age" direction).
+    declared_interests: int = Field(default=3, ge=0)
+    declared_interests_noise: float = Field(default=0.3, ge=0, le=1)
+    profile_fill_rate: float = Field(default=0.6, ge=0, le=1)
+    num_regions: int = Field(default=20, gt=0)
+    region_noise: float = Field(default=0.5, ge=0, le=1)
+    num_age_bands: int = Field(default=6, gt=0)
+    age_band_noise: float = Field(default=0.5, ge=0, le=1)
+    # Cold start: these shares of users and items arrive during the last cold_start_days of
+    # the logs (after prepare's train/validation boundary with its default split sizes), so
+    # the validation and test splits hold users and items that training never saw. They have
+    # no events before they arrive.
+    new_user_fraction: float = Field(default=0.1, ge=0, le=1)
+    new_item_fraction: float = Field(default=0.1, ge=0, le=1)
+    cold_start_days: float = Field(default=4.0, ge=0)
     noisy_advertiser_fraction: float = Field(default=0.1, ge=0, le=1)
     noisy_inflation: float = Field(default=4.0, ge=1)
     duplicate_event_rate: float = Field(default=0.01, ge=0, le=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pyarrow as pa
 
 from model.config import DatasetConfig
@@ -29,6 +30,22 @@ ID_COLUMNS = [
     "category_id",
 ]
 CONTEXT_COLUMNS = ["device", "hour", "surface"]
+# What the logs carry about the item and the user besides their ids (0 / empty = unknown).
+# Item content: brand, price tier, release year (bucketed), title / tag words (the query-token
+# vocabulary), the item's own categories / genres (the category_id vocabulary).
+ITEM_CONTENT_COLUMNS = ["brand_id", "price_tier", "release_year_bucket"]
+ITEM_CONTENT_LISTS = ["title_tokens", "item_categories"]
+# User profile: region, age band, declared interests (category ids).
+USER_PROFILE_COLUMNS = ["region", "age_band"]
+USER_PROFILE_LISTS = ["declared_interests"]
+PROFILE_COLUMNS = [*ITEM_CONTENT_COLUMNS, *USER_PROFILE_COLUMNS]
+PROFILE_LISTS = [*ITEM_CONTENT_LISTS, *USER_PROFILE_LISTS]
+_PROFILE_FIELDS = [
+    *[pa.field(c, pa.int64(), nullable=False) for c in ITEM_CONTENT_COLUMNS],
+    *[pa.field(c, IDS) for c in ITEM_CONTENT_LISTS],
+    *[pa.field(c, pa.int64(), nullable=False) for c in USER_PROFILE_COLUMNS],
+    *[pa.field(c, IDS) for c in USER_PROFILE_LISTS],
+]
 SEQUENCE_COLUMNS = ["seq_item_ids", "seq_event_types", "seq_timestamps"]
 LABEL_COLUMNS = ["click", "add_to_cart", "checkout", "engage"]
 
@@ -42,6 +59,7 @@ UNIFIED_SCHEMA = pa.schema(
         *[pa.field(c, pa.int64(), nullable=False) for c in CONTEXT_COLUMNS],
         pa.field("price", pa.float32()),
         pa.field("advertiser_reliability", pa.float32()),
+        *_PROFILE_FIELDS,
         pa.field("seq_item_ids", IDS),
         pa.field("seq_event_types", IDS),
         pa.field("seq_timestamps", IDS),  # seconds since epoch, newest last
@@ -61,6 +79,7 @@ IMPRESSIONS_SCHEMA = pa.schema(
         pa.field("query_tokens", IDS),
         *[pa.field(c, pa.int64()) for c in CONTEXT_COLUMNS],
         pa.field("price", pa.float32()),
+        *[f.with_nullable(True) for f in _PROFILE_FIELDS],
         pa.field("seq_item_ids", IDS),
         pa.field("seq_event_types", IDS),
         pa.field("seq_timestamps", IDS),
@@ -94,6 +113,8 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("true_engage", pa.bool_()),
         pa.field("atc_delay_h", pa.float32()),  # null when no add_to_cart
         pa.field("checkout_delay_h", pa.float32()),  # hours after the click
+        pa.field("cold_user", pa.bool_()),  # the user arrived in the last cold_start_days
+        pa.field("cold_item", pa.bool_()),  # the item arrived in the last cold_start_days
     ]
 )
 
@@ -187,3 +208,27 @@ def validate_files(paths: Iterable[str], spec: DatasetConfig, filesystem=None) -
 
 def empty_unified_table() -> pa.Table:
     return UNIFIED_SCHEMA.empty_table()
+
+
+def placeholder(name: str, n: int) -> pa.Array:
+    """n rows of the placeholder of a content / profile column: 0, or an empty list."""
+    if name in PROFILE_LISTS:
+        return pa.ListArray.from_arrays(
+            pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.int64())
+        )
+    if name in PROFILE_COLUMNS:
+        return pa.array(np.zeros(n, np.int64))
+    raise KeyError(f"{name!r} is not a content or profile column")
+
+
+def unified_table(columns: dict) -> pa.Table:
+    """A UNIFIED_SCHEMA table from a dict of columns; content and profile columns that the
+    dict lacks (logs that do not carry them) hold their placeholder."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    full = dict(columns)
+    for name in (*PROFILE_COLUMNS, *PROFILE_LISTS):
+        if name not in full:
+            full[name] = placeholder(name, n)
+    return pa.Table.from_pydict(
+        {f.name: full[f.name] for f in UNIFIED_SCHEMA}, schema=UNIFIED_SCHEMA
+    )

@@ -11,6 +11,11 @@ same context (popularity-weighted, not rated by the user):
     related_items  source item (the user's previous rating within related_window_s) -> item
     search         query tokens (words of the item's tags) -> item
     category       genre -> item (negatives from the same genre)
+Item content: ``item_categories`` = the movie's genres (the category_id vocabulary),
+``title_tokens`` = the words of its title then its tag words, most tagged first (the
+query-token vocabulary), ``release_year_bucket`` = the year in its title in 5-year buckets
+(1 = 1900-1904, 0 = unknown). MovieLens has no user profiles: region, age band and declared
+interests hold their placeholders.
 Labels: click = rated, engage = rating >= engage_threshold; add_to_cart / checkout are null
 (not observed here, so masked out of those tasks' losses). The user sequence is the user's
 earlier ratings (event type ``rate``), newest last. Split by time into train / validation /
@@ -29,7 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.config import MovieLensConfig, UnirankConfig
-from model.schema import EVENT_TYPES, EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, UNIFIED_SCHEMA
+from model.schema import (
+    EVENT_TYPES,
+    EVENTS_SCHEMA,
+    IMPRESSIONS_SCHEMA,
+    UNIFIED_SCHEMA,
+    placeholder,
+)
 from model.storage import resolve
 from ray_jobs.common import job_parser, parse_job_args, setup_logging, write_json
 
@@ -48,8 +59,26 @@ def _vocab(words: pd.Series) -> dict[str, int]:
     return {w: i + 1 for i, w in enumerate(sorted(set(words)))}
 
 
-def load_frames(ml: MovieLensConfig) -> tuple[pd.DataFrame, dict, dict]:
-    """Ratings sorted by (user, time) with each movie's genres and tag tokens."""
+YEAR_BUCKET_START, YEAR_BUCKET_YEARS, YEAR_BUCKETS = 1900, 5, 63
+
+
+def year_bucket(title: str) -> int:
+    """The release year in a MovieLens title ("Heat (1995)") as a 5-year bucket: 1 for
+    1900-1904, ..., clipped to [1, 63]; 0 when the title carries no year."""
+    m = re.search(r"\((\d{4})(?:-\d{0,4})?\)\s*$", str(title))
+    if not m:
+        return 0
+    bucket = (int(m.group(1)) - YEAR_BUCKET_START) // YEAR_BUCKET_YEARS + 1
+    return int(min(max(bucket, 1), YEAR_BUCKETS))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", str(text).lower())
+
+
+def load_frames(ml: MovieLensConfig) -> tuple[pd.DataFrame, dict, dict, dict]:
+    """Ratings sorted by (user, time) with each movie's genres and tag tokens, and its
+    content: movieId -> (title then tag tokens, release-year bucket)."""
     source = Path(ml.source)
     ratings = _read(source, "ratings.csv")
     movies = _read(source, "movies.csv")
@@ -60,9 +89,7 @@ def load_frames(ml: MovieLensConfig) -> tuple[pd.DataFrame, dict, dict]:
     genres = movies.set_index("movieId")["genres"].str.split("|")
     genre_vocab = _vocab(g for gs in genres for g in gs if g != "(no genres listed)")
     movie_genres = {m: [genre_vocab[g] for g in gs if g in genre_vocab] for m, gs in genres.items()}
-    words = tags.assign(
-        w=tags["tag"].astype(str).str.lower().map(lambda s: re.findall(r"[a-z0-9]+", s))
-    )
+    words = tags.assign(w=tags["tag"].map(_words))
     words = words.explode("w").dropna(subset=["w"])
     token_vocab = _vocab(words["w"])
     movie_tokens = (
@@ -70,15 +97,32 @@ def load_frames(ml: MovieLensConfig) -> tuple[pd.DataFrame, dict, dict]:
         .apply(lambda ws: sorted({token_vocab[w] for w in ws}))
         .to_dict()
     )
+    # Title words extend the tag vocabulary (tag ids, hence query tokens, stay as they were).
+    titles = movies.set_index("movieId")["title"].astype(str)
+    title_words = {
+        m: _words(re.sub(r"\(\d{4}(?:-\d{0,4})?\)\s*$", "", t)) for m, t in titles.items()
+    }
+    for w in sorted({w for ws in title_words.values() for w in ws} - set(token_vocab)):
+        token_vocab[w] = len(token_vocab) + 1
+    tagged = words.groupby(["movieId", "w"]).size().rename("n").reset_index()
+    tagged = tagged.sort_values(["movieId", "n", "w"], ascending=[True, False, True])
+    tag_order = tagged.groupby("movieId")["w"].apply(list).to_dict()
+    content = {
+        m: (
+            list(dict.fromkeys(token_vocab[w] for w in [*title_words[m], *tag_order.get(m, [])])),
+            year_bucket(titles[m]),
+        )
+        for m in titles.index
+    }
     ratings = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable").reset_index(
         drop=True
     )
-    return ratings, movie_genres, movie_tokens
+    return ratings, movie_genres, movie_tokens, content
 
 
 def build(ml: MovieLensConfig) -> dict[str, pa.Table]:
     """Return {'impressions', 'events', 'labels'} tables (labels aligned with impressions)."""
-    ratings, movie_genres, movie_tokens = load_frames(ml)
+    ratings, movie_genres, movie_tokens, content = load_frames(ml)
     rng = np.random.default_rng(ml.seed)
     n = len(ratings)
     users = ratings["userId"].to_numpy(np.int64)
@@ -176,6 +220,20 @@ def build(ml: MovieLensConfig) -> dict[str, pa.Table]:
             "hour": hour.astype(np.int64),
             "surface": np.array([SURFACE[t] for t in tt], dtype=np.int64),
             "price": pa.nulls(m, pa.float32()),
+            "brand_id": zeros,
+            "price_tier": zeros,
+            "release_year_bucket": np.array(
+                [content.get(i, ([], 0))[1] for i in row_item], dtype=np.int64
+            ),
+            "title_tokens": pa.array(
+                [content.get(i, ([], 0))[0] for i in row_item], type=pa.list_(pa.int64())
+            ),
+            "item_categories": pa.array(
+                [movie_genres.get(i, []) for i in row_item], type=pa.list_(pa.int64())
+            ),
+            "region": zeros,
+            "age_band": zeros,
+            "declared_interests": placeholder("declared_interests", m),
             "seq_item_ids": seq_items.take(take),
             "seq_event_types": seq_types.take(take),
             "seq_timestamps": seq_ts.take(take),

@@ -32,7 +32,7 @@ import ray
 from ray.data.expressions import col
 
 from model.config import PrepareConfig, UnirankConfig
-from model.schema import UNIFIED_SCHEMA
+from model.schema import PROFILE_COLUMNS, PROFILE_LISTS, UNIFIED_SCHEMA, placeholder
 from model.storage import Location, list_parquet, resolve
 from ray_jobs import labels as L
 from ray_jobs.common import (
@@ -48,6 +48,7 @@ log = logging.getLogger("unirank.prepare")
 SPLITS = ("train", "validation", "test")
 ADS = {"ads"}
 TASKS = ("click", "add_to_cart", "checkout", "engage")
+OPTIONAL = frozenset([*PROFILE_COLUMNS, *PROFILE_LISTS])  # placeholders when not logged
 ROWS_PER_PARTITION = 50_000  # impressions per hash partition of the events/impressions join
 
 
@@ -239,7 +240,13 @@ def _finalize(
     date = np.asarray(pd.to_datetime(t, unit="s", utc=True).strftime("%Y-%m-%d"))
     batch = _set(batch, "advertiser_reliability", reliability)
     batch = _set(batch, "sample_weight", (w * mult).astype(np.float32))
-    arrays = [batch[f.name].cast(f.type) for f in UNIFIED_SCHEMA]
+    # Content / profile columns that the raw logs do not carry hold their placeholder.
+    arrays = [
+        batch[f.name].cast(f.type)
+        if f.name in batch.column_names or f.name not in OPTIONAL
+        else placeholder(f.name, batch.num_rows)
+        for f in UNIFIED_SCHEMA
+    ]
     out = pa.Table.from_arrays(
         [*arrays, pa.array(split.astype(str)), pa.array(date.astype(str))],
         schema=UNIFIED_SCHEMA.append(pa.field("split", pa.string())).append(

@@ -12,6 +12,13 @@ Signal the model can find:
   they arrive hours to days after the click (lognormal delays).
 Noise the label pipeline must handle: duplicate events, low match-confidence conversions and
 noisy advertisers that report inflated (fabricated) conversions.
+
+What the logs carry besides ids, as real platforms log it: item content (brand, price tier,
+category, title words) and user profiles (declared interests, region, age band). Each is a
+noisy view of the hidden item or user vector; the generate.*_noise knobs say how noisy. Labels
+never read them: they only reveal what the hidden vectors already decide.
+Cold start: generate.new_user_fraction / new_item_fraction of users and items arrive during
+the last generate.cold_start_days, so the later splits hold users and items training never saw.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from model.schema import (
 )
 
 HOUR = 3600
+ALWAYS = -(2**62)  # arrival time of the users and items that exist before the logs start
 DAY = 24 * HOUR
 SURFACES = {"ads": 1, "notifications": 2, "related_items": 3, "search": 4, "category": 5}
 TOKENS_PER_CATEGORY = 8
@@ -48,6 +56,42 @@ TASK_TYPE_BIAS = {
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / max(float(x.std()), 1e-12)
+
+
+def _quantile_bins(x: np.ndarray, k: int) -> np.ndarray:
+    """1..k by the quantile of each value (equal shares)."""
+    edges = np.quantile(x, np.linspace(0, 1, k + 1)[1:-1])
+    return 1 + np.searchsorted(edges, x, side="right").astype(np.int64)
+
+
+def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre of each row of x, (n, D) x (K, D) -> (n,)."""
+    d2 = (centers**2).sum(1)[None, :] - 2.0 * (x @ centers.T)  # |x|^2 is the same per row
+    return d2.argmin(1).astype(np.int64)
+
+
+def _noisy(rng, values: np.ndarray, noise: float, k: int) -> np.ndarray:
+    """Each value replaced, with probability noise, by a uniform one of 1..k."""
+    values = np.asarray(values, dtype=np.int64)
+    swap = rng.random(values.shape) < noise
+    return np.where(swap, rng.integers(1, k + 1, size=values.shape), values)
+
+
+def _arrivals(rng, n: int, fraction: float, start: int, end: int, window: float) -> np.ndarray:
+    """(n+1,) first time each id exists: ALWAYS (before the logs start), or for a `fraction` of
+    ids 1..n a uniform time in the last `window` seconds before end."""
+    arrival = np.full(n + 1, ALWAYS, dtype=np.int64)
+    late = rng.choice(np.arange(1, n + 1), size=int(round(fraction * n)), replace=False)
+    arrival[late] = end - window + rng.uniform(0, window, size=len(late)).astype(np.int64)
+    return arrival
 
 
 def start_epoch_s(cfg: GenerateConfig) -> int:
@@ -74,6 +118,18 @@ class World:
     adv_cvr_logit: np.ndarray  # (A+1,) advertiser's base add_to_cart logit
     adv_noisy: np.ndarray  # (A+1,) bool
     category_tokens: np.ndarray  # (C+1, TOKENS_PER_CATEGORY)
+    # What the logs show of items and users (index 0: the placeholder, 0 / empty).
+    item_brand: np.ndarray  # (I+1,) 1..num_brands
+    item_price_tier: np.ndarray  # (I+1,) 1..num_price_tiers
+    item_category_logged: np.ndarray  # (I+1,) the category the catalogue lists
+    item_title: np.ndarray  # (I+1, title_len) words of the query-token vocabulary
+    user_interests: np.ndarray  # (U+1, declared_interests) category ids, 0-padded
+    user_num_interests: np.ndarray  # (U+1,) how many the user declared (0 or all)
+    user_region: np.ndarray  # (U+1,) 1..num_regions
+    user_age_band: np.ndarray  # (U+1,) 1..num_age_bands
+    # Cold start: when each user / item first exists (epoch seconds; ALWAYS for most).
+    user_arrival: np.ndarray  # (U+1,)
+    item_arrival: np.ndarray  # (I+1,)
 
     @classmethod
     def build(cls, cfg: GenerateConfig) -> World:
@@ -94,7 +150,7 @@ class World:
         user_weight = rng.pareto(1.5, size=nu + 1) + 1.0
         user_weight[0] = 0.0
         user_weight /= user_weight.sum()
-        item_price = np.exp(rng.normal(3.0, 1.0, size=ni + 1)).astype(np.float32)
+        price_noise = rng.normal(0.0, 1.0, size=ni + 1)
         item_advertiser = np.zeros(ni + 1, dtype=np.int64)
         is_ad = rng.random(ni + 1) < 0.5
         is_ad[0] = False
@@ -109,9 +165,62 @@ class World:
             1, cfg.num_query_tokens + 1, size=(nc + 1, TOKENS_PER_CATEGORY)
         )
         item_vec = item_vec.astype(np.float32)
+        start = start_epoch_s(cfg)
+
+        # ---- what the logs show: noisy views of the hidden vectors (their own random stream)
+        rng = np.random.default_rng([cfg.seed, 2])
+        # Price: lognormal(3, 1) as before, a share of its log from the "premium" direction.
+        premium = _zscore(item_vec @ _unit(rng.normal(size=d)))
+        item_price = np.exp(3.0 + 0.6 * premium + 0.8 * price_noise).astype(np.float32)
+        tier = _quantile_bins(premium, cfg.num_price_tiers)
+        brand_center = (
+            cat_center[rng.integers(1, nc + 1, size=cfg.num_brands)]
+            + rng.normal(size=(cfg.num_brands, d)) / np.sqrt(d) * 0.7
+        )
+        brand = 1 + _nearest(item_vec, brand_center)
+        word_vec = rng.normal(size=(cfg.num_query_tokens + 1, d)) / np.sqrt(d) * 1.5
+        word_vec = word_vec.astype(np.float32)
+        # Title words: each picks the best of 16 random words for the item vector (soft argmax).
+        words = rng.integers(
+            1, cfg.num_query_tokens + 1, size=(ni + 1, max(cfg.title_len - 1, 0), 16)
+        )
+        score = np.einsum("id,iwkd->iwk", item_vec, word_vec[words]) / 0.25
+        best = (score + rng.gumbel(size=score.shape)).argmax(-1)
+        title = np.take_along_axis(words, best[..., None], -1)[..., 0]
+        region = 1 + _nearest(user_vec, rng.normal(size=(cfg.num_regions, d)) / np.sqrt(d) * 1.5)
+        age = _quantile_bins(user_vec @ _unit(rng.normal(size=d)), cfg.num_age_bands)
+        # Cold start: new users and items arrive uniformly during the last cold_start_days.
+        end = start + cfg.days * DAY
+        window = min(cfg.cold_start_days, cfg.days) * DAY
+        user_arrival = _arrivals(rng, nu, cfg.new_user_fraction, start, end, window)
+        item_arrival = _arrivals(rng, ni, cfg.new_item_fraction, start, end, window)
+        # Declared interests: the categories the user's interest at sign-up likes most.
+        signup_days = np.maximum(user_arrival - start, 0) / DAY
+        signup = user_vec + user_drift * signup_days[:, None]
+        k = min(cfg.declared_interests, nc)
+        liked = np.argsort(-(signup @ cat_center[1:].T), axis=1, kind="stable")[:, :k] + 1
+        filled = rng.random(nu + 1) < cfg.profile_fill_rate
+
+        logged_category = _noisy(rng, item_category, cfg.item_category_noise, nc)
+        first_word = category_tokens[
+            logged_category, rng.integers(0, TOKENS_PER_CATEGORY, size=ni + 1)
+        ][:, None]  # the title names the category the catalogue lists
+        title = np.concatenate([first_word, title], 1)[:, : cfg.title_len]
+        views = {
+            "brand": _noisy(rng, brand, cfg.brand_noise, cfg.num_brands),
+            "tier": _noisy(rng, tier, cfg.price_tier_noise, cfg.num_price_tiers),
+            "category": logged_category,
+            "title": _noisy(rng, title, cfg.title_noise, cfg.num_query_tokens),
+            "interests": _noisy(rng, liked, cfg.declared_interests_noise, nc),
+            "num_interests": np.where(filled, k, 0),
+            "region": _noisy(rng, region, cfg.region_noise, cfg.num_regions),
+            "age": _noisy(rng, age, cfg.age_band_noise, cfg.num_age_bands),
+        }
+        for arr in views.values():
+            arr[0] = 0  # the placeholder user / item shows nothing
         return cls(
             cfg,
-            start_epoch_s(cfg),
+            start,
             user_vec,
             user_drift,
             user_weight,
@@ -123,6 +232,9 @@ class World:
             adv_cvr_logit,
             adv_noisy,
             category_tokens,
+            *views.values(),
+            user_arrival,
+            item_arrival,
         )
 
     def interest(self, users: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -136,16 +248,46 @@ class World:
         pool: np.ndarray | None,
         temperature: float,
         candidates: int = CANDIDATE_POOL,
+        t: np.ndarray | None = None,
     ):
-        """Each row picks one of `candidates` random items, softly preferring its interest."""
+        """Each row picks one of `candidates` random items, softly preferring its interest;
+        with `t` (the rows' times), only among items that exist by then."""
         shape = interest.shape[:-1]
         if pool is None:
             cand = rng.integers(1, self.cfg.num_items + 1, size=(*shape, candidates))
         else:
             cand = pool[rng.integers(0, len(pool), size=(*shape, candidates))]
+        if t is not None:
+            cand = self.existing_items(rng, cand, np.asarray(t)[..., None], pool)
         score = np.einsum("...d,...kd->...k", interest, self.item_vec[cand]) / temperature
         score += rng.gumbel(size=score.shape)
         return np.take_along_axis(cand, score.argmax(-1)[..., None], -1)[..., 0]
+
+    def existing_items(
+        self, rng, items: np.ndarray, t: np.ndarray, pool: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Items that do not exist yet at time t (broadcast) are replaced by random items that
+        existed from the start (from `pool` when given)."""
+        late = self.item_arrival[items] > t
+        if not late.any():
+            return items
+        old = np.flatnonzero(self.item_arrival == ALWAYS)[1:]  # without the placeholder
+        if pool is not None:
+            old = np.intersect1d(pool, old)
+        items = items.copy()
+        items[late] = old[rng.integers(0, len(old), size=int(late.sum()))]
+        return items
+
+    def existing_users(self, rng, users: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Users who have not arrived by time t are replaced by users from the start, drawn by
+        activity."""
+        late = self.user_arrival[users] > t
+        if not late.any():
+            return users
+        w = np.where(self.user_arrival == ALWAYS, self.user_weight, 0.0)
+        users = users.copy()
+        users[late] = rng.choice(len(w), size=int(late.sum()), p=w / w.sum())
+        return users
 
     def probabilities(
         self,
@@ -249,14 +391,17 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
 
     t = world.start + rng.integers(0, cfg.days * DAY, size=n)
     users = rng.choice(len(world.user_weight), size=n, p=world.user_weight)
+    users = world.existing_users(rng, users, t)  # a new user appears only once arrived
     now_interest = world.interest(users, t)  # (n, D)
 
-    # ---- the user's prior events: newest last, gaps of hours to days
+    # ---- the user's prior events: newest last, gaps of hours to days, none before sign-up
     seq_len = rng.integers(0, cfg.max_seq_len + 1, size=n)
     gaps = rng.exponential(18 * HOUR, size=(n, cfg.max_seq_len))
     back = np.cumsum(gaps, axis=1)[:, ::-1]  # oldest first
     seq_t = (t[:, None] - back).astype(np.int64)  # (n, Lmax)
     keep = np.arange(cfg.max_seq_len)[None, :] >= (cfg.max_seq_len - seq_len)[:, None]
+    keep &= seq_t >= world.user_arrival[users][:, None]
+    seq_len = keep.sum(1)
     seq_t_flat = seq_t[keep]  # (sum(seq_len),) row-major: per row oldest .. newest
     seq_users = np.broadcast_to(users[:, None], keep.shape)[keep]
     seq_items_flat = world.pick_items(
@@ -265,6 +410,7 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
         None,
         cfg.history_temperature,
         cfg.history_candidates,
+        t=seq_t_flat,
     )
     seq_types_flat = rng.choice([1, 2, 4, 5], size=len(seq_t_flat), p=[0.6, 0.1, 0.2, 0.1])
     ends = np.cumsum(seq_len) - 1
@@ -273,11 +419,11 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
     relevant = rng.random(n) < 0.5
     item = np.where(
         relevant,
-        world.pick_items(rng, now_interest, None, 0.5),
-        rng.integers(1, cfg.num_items + 1, size=n),
+        world.pick_items(rng, now_interest, None, 0.5, t=t),
+        world.existing_items(rng, rng.integers(1, cfg.num_items + 1, size=n), t),
     )
     if is_ads.any():
-        ad_pick = world.pick_items(rng, now_interest[is_ads], world.ad_items, 1.0)
+        ad_pick = world.pick_items(rng, now_interest[is_ads], world.ad_items, 1.0, t=t[is_ads])
         item[is_ads] = ad_pick
     advertiser = np.where(is_ads, world.item_advertiser[item], 0)
     campaign = np.where(
@@ -418,6 +564,23 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
             "hour": hour,
             "surface": surface.astype(np.int64),
             "price": price.astype(np.float32),
+            # item content and user profile: what the catalogue and the sign-up form show
+            "brand_id": world.item_brand[item],
+            "price_tier": world.item_price_tier[item],
+            "release_year_bucket": np.zeros(n, dtype=np.int64),  # not modelled here
+            "title_tokens": _list_array(
+                world.item_title[item].ravel(), np.full(n, world.item_title.shape[1])
+            ),
+            "item_categories": _list_array(world.item_category_logged[item], np.ones(n, int)),
+            "region": world.user_region[users],
+            "age_band": world.user_age_band[users],
+            "declared_interests": _list_array(
+                world.user_interests[users][
+                    np.arange(world.user_interests.shape[1])[None, :]
+                    < world.user_num_interests[users][:, None]
+                ],
+                world.user_num_interests[users],
+            ),
             "seq_item_ids": _list_array(seq_items_flat, seq_len),
             "seq_event_types": _list_array(seq_types_flat, seq_len),
             "seq_timestamps": _list_array(seq_t_flat, seq_len),
@@ -451,6 +614,8 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
             "true_engage": engage,
             "atc_delay_h": pa.array(atc_delay_h.astype(np.float32), mask=~atc),
             "checkout_delay_h": pa.array(co_delay_h.astype(np.float32), mask=~checkout),
+            "cold_user": world.user_arrival[users] != ALWAYS,
+            "cold_item": world.item_arrival[item] != ALWAYS,
         },
         schema=TRUTH_SCHEMA,
     )

@@ -25,7 +25,7 @@ from model.config import UnirankConfig
 from model.ensemble import build_model
 from model.export import export
 from model.features import FeatureProcessor
-from model.schema import UNIFIED_SCHEMA
+from model.schema import UNIFIED_SCHEMA, unified_table
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 _TASK_MIX = {"ads": 0.4, "notifications": 0.15, "related_items": 0.15, "search": 0.15}
@@ -130,7 +130,7 @@ def sample_rows(
         "engage": label(engage, ~ads),
         "sample_weight": pa.array(np.ones(n, dtype=np.float32)),
     }
-    return pa.Table.from_pydict(cols, schema=UNIFIED_SCHEMA)
+    return unified_table(cols)
 
 
 def write_rows(table: pa.Table, directory: str | Path, rows_per_file: int = 1000) -> Path:

@@ -25,7 +25,7 @@ from model.config import (
     SequenceSpec,
     UnirankConfig,
 )
-from model.schema import UNIFIED_SCHEMA
+from model.schema import UNIFIED_SCHEMA, unified_table
 
 TASK_TYPES = ["ads", "notifications", "related_items", "search", "category"]
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -142,7 +142,7 @@ def make_examples(
         "engage": label(engage, ~ads),
         "sample_weight": pa.array(np.ones(n, dtype=f32)),
     }
-    table = pa.Table.from_pydict(cols, schema=UNIFIED_SCHEMA)
+    table = unified_table(cols)
     if return_truth:
         return table, {
             "click_logit": click_logit,

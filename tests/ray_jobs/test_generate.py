@@ -202,3 +202,137 @@ def test_sharper_history_reveals_interest_and_the_reference_follows_it():
         ref_fit[name] = _spearman(ref, truth["p_checkout"].to_numpy())
     assert 0.3 < fit["default"] < fit["sharp"] - 0.05, fit
     assert ref_fit["default"] < ref_fit["sharp"], ref_fit
+
+
+# --------------------------------------------------------------- content, profiles, cold start
+
+ITEM_VIEWS = ("brand_id", "price_tier", "title_tokens", "item_categories")
+USER_VIEWS = ("region", "age_band", "declared_interests")
+NOISE_KNOBS = (
+    "brand_noise",
+    "price_tier_noise",
+    "item_category_noise",
+    "title_noise",
+    "declared_interests_noise",
+    "region_noise",
+    "age_band_noise",
+)
+
+
+def _world(*extra):
+    from ray_jobs.synthetic import World
+
+    return World.build(load_config(None, [*SMALL, *extra]).generate)
+
+
+def _shared_cosine(vec, groups=None):
+    """Mean cosine similarity of the pairs of rows that share a non-zero value of ``groups``
+    ((n,) or (n, k) ids); over all pairs when groups is None. Near the all-pairs mean when the
+    ids say nothing about the vectors; far above it when they group similar vectors."""
+    u = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    if groups is None:
+        s = u.sum(0)
+        return float((s @ s - len(u)) / (len(u) * (len(u) - 1)))
+    g = np.asarray(groups).reshape(len(u), -1)
+    rows, keys = np.repeat(np.arange(len(u)), g.shape[1]), g.ravel()
+    rows, keys = rows[keys > 0], keys[keys > 0]
+    _, inv = np.unique(keys, return_inverse=True)
+    sums = np.zeros((inv.max() + 1, u.shape[1]))
+    np.add.at(sums, inv, u[rows])
+    m = np.bincount(inv).astype(float)
+    return float(((sums * sums).sum(1) - m).sum() / (m * (m - 1)).sum())
+
+
+def test_impressions_carry_item_content_and_user_profiles():
+    """Every row logs its item's content and its user's profile, the same for every row of
+    that item / user (a catalogue and a profile, not per-impression noise), and a chunk is a
+    pure function of (seed, chunk id)."""
+    from ray_jobs.synthetic import generate_chunk
+
+    world = _world()
+    imps = generate_chunk(world, 1)["impressions"]
+    assert imps.equals(generate_chunk(_world(), 1)["impressions"])  # a fresh world, same rows
+    assert not imps.column("brand_id").equals(generate_chunk(world, 2)["impressions"]["brand_id"])
+    df = imps.to_pandas()
+    cfg = world.cfg
+    for col in (*ITEM_VIEWS, *USER_VIEWS):
+        assert imps.schema.field(col).type == IMPRESSIONS_SCHEMA.field(col).type, col
+    assert df.brand_id.between(1, cfg.num_brands).all()
+    assert df.price_tier.between(1, cfg.num_price_tiers).all()
+    assert (df.title_tokens.map(len) == cfg.title_len).all()
+    assert df.title_tokens.map(lambda t: ((t >= 1) & (t <= cfg.num_query_tokens)).all()).all()
+    assert (df.item_categories.map(len) == 1).all()
+    assert df.region.between(1, cfg.num_regions).all()
+    assert df.age_band.between(1, cfg.num_age_bands).all()
+    declared = df.declared_interests.map(len)
+    assert set(declared) == {0, cfg.declared_interests}  # some users fill the form, some not
+    assert 0.4 < (declared > 0).mean() < 0.8  # profile_fill_rate 0.6, by activity
+    for key, cols in (("item_id", ITEM_VIEWS), ("user_id", USER_VIEWS)):
+        for col in cols:
+            per_id = df.groupby(key)[col].agg(lambda s: len({tuple(np.atleast_1d(v)) for v in s}))
+            assert (per_id == 1).all(), (key, col)
+    # The logged values are the world's views of the row's item and user.
+    item, user = df.item_id.to_numpy(), df.user_id.to_numpy()
+    assert (df.brand_id.to_numpy() == world.item_brand[item]).all()
+    assert (np.stack(df.title_tokens.to_numpy()) == world.item_title[item]).all()
+    assert (df.region.to_numpy() == world.user_region[user]).all()
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_noise_knobs_decide_how_much_the_features_reveal(noise):
+    """At noise 0 items (users) that share a brand, tier, category or title word (a region,
+    age band or declared interest) have similar hidden vectors; at noise 1 sharing one says
+    nothing: their vectors are as similar as any two."""
+    world = _world(*[f"generate.{k}={noise}" for k in NOISE_KNOBS])
+    items, users = world.item_vec[1:], world.user_vec[1:]
+    base = {"item": _shared_cosine(items), "user": _shared_cosine(users)}
+    views = {
+        "brand": ("item", world.item_brand),
+        "price_tier": ("item", world.item_price_tier),
+        "category": ("item", world.item_category_logged),
+        "title": ("item", world.item_title),
+        "declared_interests": ("user", world.user_interests),
+        "region": ("user", world.user_region),
+        "age_band": ("user", world.user_age_band),
+    }
+    for name, (kind, ids) in views.items():
+        vec = items if kind == "item" else users
+        lift = _shared_cosine(vec, ids[1:]) - base[kind]
+        if noise == 0.0:
+            assert lift > 0.08, (name, lift)
+        else:
+            assert abs(lift) < 0.03, (name, lift)
+
+
+def test_cold_start_users_and_items_arrive_only_late():
+    """new_user_fraction / new_item_fraction of ids exist only in the last cold_start_days:
+    no impression, history event or history item of theirs before they arrive, and the truth
+    flags them. With the fractions at 0 there are none."""
+    from ray_jobs.synthetic import DAY, generate_chunk
+
+    days, window = 5, 2
+    knobs = [f"generate.cold_start_days={window}", "generate.rows_per_chunk=6000"]
+    world = _world(*knobs, "generate.new_user_fraction=0.2", "generate.new_item_fraction=0.2")
+    chunk = generate_chunk(world, 0)
+    df, truth = chunk["impressions"].to_pandas(), chunk["truth"].to_pandas()
+    t = df.event_time.astype("int64").to_numpy() // 10**6
+    late_from = world.start + (days - window) * DAY
+    user, item = df.user_id.to_numpy(), df.item_id.to_numpy()
+    cold_user, cold_item = truth.cold_user.to_numpy(), truth.cold_item.to_numpy()
+    assert cold_user.sum() > 50 and cold_item.sum() > 50
+    assert (t[cold_user | cold_item] >= late_from).all()
+    assert (t[cold_user] >= world.user_arrival[user[cold_user]]).all()
+    assert (t[cold_item] >= world.item_arrival[item[cold_item]]).all()
+    assert not (cold_user | cold_item)[t < late_from].any()
+    assert (cold_user == (world.user_arrival[user] >= late_from)).all()
+    # Histories: a new user's events start after sign-up; no item is seen before it exists.
+    for u, seq_t in zip(user[cold_user], df.seq_timestamps[cold_user], strict=True):
+        assert (seq_t >= world.user_arrival[u]).all()
+    seq_items = np.concatenate(df.seq_item_ids.to_numpy())
+    seq_times = np.concatenate(df.seq_timestamps.to_numpy())
+    assert (world.item_arrival[seq_items] <= seq_times).all()
+    assert (world.item_arrival[seq_items] >= late_from).any()  # new items do enter histories
+    none = generate_chunk(
+        _world(*knobs, "generate.new_user_fraction=0", "generate.new_item_fraction=0"), 0
+    )["truth"].to_pandas()
+    assert not none.cold_user.any() and not none.cold_item.any()
