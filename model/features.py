@@ -26,7 +26,7 @@ import torch
 
 from model.batch import Batch
 from model.config import CategoricalFeature, DatasetConfig
-from model.hashing import clip_vocab, hash_ids
+from model.hashing import clip_vocab, hash_ids, is_string_type, string_ids
 
 Columns = pa.Table | pa.RecordBatch | Mapping[str, Any]
 STATE_VERSION = 1
@@ -148,13 +148,21 @@ class _Reader:
         return out
 
     def ints(self, name: str) -> np.ndarray:
-        """int64 (n,), nulls -> 0."""
+        """int64 (n,), nulls -> 0. String columns (string, large_string, dictionary) become
+        stable ids (``model.hashing.string_ids``)."""
         col = self.cols[name]
         if isinstance(col, (pa.Array, pa.ChunkedArray)):
-            out = _arrow(col).fill_null(0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            if is_string_type(col.type):
+                out = string_ids(col)
+            else:
+                out = _arrow(col).fill_null(0).cast(pa.int64()).to_numpy(zero_copy_only=False)
         else:
             arr = np.asarray(col)
-            if arr.dtype == object:
+            if arr.dtype.kind in "US" or (
+                arr.dtype == object and any(isinstance(v, str) for v in arr)
+            ):
+                arr = string_ids(pa.array([None if v is None else str(v) for v in arr]))
+            elif arr.dtype == object:
                 arr = np.array([0 if v is None else v for v in arr], dtype=np.int64)
             elif arr.dtype.kind == "f":
                 arr = np.nan_to_num(arr, nan=0.0)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.config import DatasetConfig
+from model.hashing import is_string_type
 
 PLACEHOLDER_ID = 0
 TS = pa.timestamp("us", tz="UTC")
@@ -147,12 +148,28 @@ def _is_time(t: pa.DataType) -> bool:
     return pa.types.is_timestamp(t) or _is_int(t)
 
 
+def _hashed(c, categorical) -> bool:
+    """Whether a categorical feature's table is hashed (itself or the feature it shares)."""
+    by_name = {x.name: x for x in categorical}
+    seen = set()
+    while c.share_with is not None and c.share_with in by_name and c.name not in seen:
+        seen.add(c.name)
+        c = by_name[c.share_with]
+    return c.hash_buckets is not None
+
+
 def expected_columns(spec: DatasetConfig) -> dict[str, tuple[str, callable]]:
     """column -> (expected type description, predicate on the arrow type)."""
     f = spec.features
     out: dict[str, tuple[str, callable]] = {}
     for c in f.categorical:
-        out[c.name] = ("list<int>", _is_int_list) if c.multi else ("int", _is_int)
+        if c.multi:
+            out[c.name] = ("list<int>", _is_int_list)
+        elif _hashed(c, f.categorical):
+            # strings get stable ids (model.hashing.string_ids), then the bucket hash
+            out[c.name] = ("int or string", lambda t: _is_int(t) or is_string_type(t))
+        else:
+            out[c.name] = ("int (a vocab_size feature; use hash_buckets for strings)", _is_int)
     for n in f.numeric:
         out[n.name] = ("numeric", _is_num)
     if f.sequence is not None:

@@ -269,3 +269,45 @@ def test_odd_inputs_nulls_and_fixed_size_lists(tiny_cfg):
         proc({"user_id": np.arange(3), "item_id": np.arange(4)})
     with pytest.raises(TypeError, match="expected"):
         proc([1, 2, 3])
+
+
+def test_string_ids_are_stable_across_processes_and_input_forms():
+    """String categories (hex ids, 'Bachelors') hash the same in every process and whatever
+    the column form: string, large_string, dictionary, numpy object; null and '' -> 0."""
+    import subprocess
+    import sys
+
+    from model.hashing import string_id, string_ids
+
+    values = ["a3f9", "Bachelors", None, "", "a3f9", "Ünïcode"]
+    ids = string_ids(pa.array(values))
+    assert ids[0] == ids[4] != 0 and ids[2] == ids[3] == 0 and len(set(ids[[0, 1, 5]])) == 3
+    for arr in (
+        pa.array(values, pa.large_string()),
+        pa.array(values).dictionary_encode(),
+        pa.chunked_array([pa.array(values[:2]), pa.array(values[2:])]),
+    ):
+        np.testing.assert_array_equal(string_ids(arr), ids)
+    other = subprocess.run(
+        [sys.executable, "-c", "from model.hashing import string_id; print(string_id('a3f9'))"],
+        capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"},
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]),
+    )  # fmt: skip
+    assert int(other.stdout) == string_id("a3f9") == ids[0]
+
+
+def test_string_categorical_columns_go_through_the_feature_path():
+    """A table with string user ids and the same ids as a JSON-like dict give one Batch."""
+    from model.config import load_config
+    from model.features import FeatureProcessor
+
+    cfg = load_config(None).dataset
+    proc = FeatureProcessor(cfg)
+    users = ["u-17", "u-9", None, "u-17"]
+    table = pa.table({"user_id": pa.array(users, pa.large_string()), "item_id": [1, 2, 3, 4]})
+    from_arrow = proc(table)
+    from_dict = proc({"user_id": np.array(users, dtype=object), "item_id": np.arange(1, 5)})
+    col = proc.layout.sparse_names.index("user_id")
+    got = from_arrow.sparse[:, col].numpy()
+    np.testing.assert_array_equal(got, from_dict.sparse[:, col].numpy())
+    assert got[0] == got[3] != got[1] and got[2] == 0 and (got[[0, 1]] > 0).all()

@@ -26,16 +26,28 @@ def test_missing_column_names_file_column_and_type(tmp_path):
     pq.write_table(table, path)
     with pytest.raises(SchemaError) as err:
         validate_files([str(path)], spec)
-    assert f"{path}: column 'item_id' is missing (expected int)" in str(err.value)
+    assert f"{path}: column 'item_id' is missing (expected int or string)" in str(err.value)
 
 
 def test_wrong_type_names_expected_and_found(tmp_path):
     spec = load_config(None).dataset
     schema = UNIFIED_SCHEMA.set(
-        UNIFIED_SCHEMA.get_field_index("user_id"), pa.field("user_id", pa.string())
+        UNIFIED_SCHEMA.get_field_index("device"), pa.field("device", pa.string())
     )
     path = tmp_path / "bad.parquet"
     pq.write_table(schema.empty_table(), path)
     with pytest.raises(SchemaError) as err:
         validate_files([str(path)], spec)
-    assert "column 'user_id' has type string, expected int" in str(err.value)
+    assert "column 'device' has type string, expected int (a vocab_size feature; use " in str(
+        err.value
+    )
+
+
+def test_string_ids_are_accepted_for_hashed_features(tmp_path):
+    """user_id is hashed (hash_buckets): string, large_string and dictionary columns pass."""
+    spec = load_config(None).dataset
+    i = UNIFIED_SCHEMA.get_field_index("user_id")
+    for t in (pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string())):
+        path = tmp_path / f"{t}.parquet".replace("<", "_").replace(">", "_")
+        pq.write_table(UNIFIED_SCHEMA.set(i, pa.field("user_id", t)).empty_table(), path)
+        assert validate_files([str(path)], spec) == 1
