@@ -8,6 +8,10 @@ Objects (names use ``settings.name_prefix``, default ``unirank``):
 - RayService ``<p>-serve``: the per-use-case Serve apps (only when ``serve_apps.app`` exists)
 - RayJob ``<p>-<job>``: one per job of :mod:`k8s.jobs` whose module exists
 
+Worker groups with GPUs join only the clusters of workloads that ask for GPUs
+(:func:`needs_gpu`): train and tune with ``train.use_gpu``, the RayService when a ranker
+reserves GPUs (``serve.device: cuda``). CPU jobs and the RayCluster get the CPU groups only.
+
 S3 credentials come from the Secret ``settings.s3_secret`` (created out of band, never rendered).
 """
 
@@ -20,11 +24,18 @@ from typing import Any
 
 import yaml
 
+from k8s.capacity import check, job_demand, serve_demand
 from k8s.jobs import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH, JOBS, entrypoint
 from k8s.jobs import module_exists as _module_exists
-from k8s.settings import ROOT, NodeResources, Settings, deep_merge
-from model.config import UnirankConfig, apply_overrides, config_from_dict
-from serve_apps.deploy_config import IMPORT_PATH, build_serve_config, load_use_cases
+from k8s.settings import ROOT, NodeResources, Settings
+from model.config import ConfigError, UnirankConfig, apply_overrides, config_from_dict
+from model.config import _resolve_base as resolve_base
+from serve_apps.deploy_config import (
+    IMPORT_PATH,
+    build_serve_config,
+    load_use_cases,
+    ranker_num_gpus,
+)
 
 RAY_API = "ray.io/v1"
 DASHBOARD_PORT = 8265
@@ -57,9 +68,11 @@ def config_document(s: Settings, root: Path = ROOT) -> dict[str, Any]:
     if s.config is not None:
         path = root / s.config
         data = yaml.safe_load(path.read_text()) or {}
-        parent = data.pop("base", None)
-        if parent is not None:
-            data = deep_merge(yaml.safe_load((path.parent / parent).read_text()) or {}, data)
+        # `base:` chains at any depth, exactly as the jobs' own load_config resolves them.
+        data = resolve_base(path, data, seen=(path.resolve(),))
+    if s.model_uri is not None:
+        # The model the RayService serves is also the one user-embeddings encodes with.
+        data.setdefault("serve", {}).setdefault("model_uri", s.model_uri)
     data = apply_overrides(data, s.config_overrides)
     data["use_cases"] = [
         uc.model_dump(mode="json", exclude_unset=True)
@@ -69,9 +82,21 @@ def config_document(s: Settings, root: Path = ROOT) -> dict[str, Any]:
     return data
 
 
-def resolved_config(s: Settings, root: Path = ROOT) -> UnirankConfig:
-    """The resolved project config of the cluster (what the jobs and Serve will load)."""
-    return config_from_dict(config_document(s, root), "k8s settings config")
+def resolved_config(
+    s: Settings, root: Path = ROOT, overrides: list[str] | None = None
+) -> UnirankConfig:
+    """The resolved project config of the cluster (what the jobs and Serve will load), plus
+    a job's entrypoint ``overrides``."""
+    return config_from_dict(config_document(s, root), "k8s settings config", overrides)
+
+
+def needs_gpu(cfg: UnirankConfig, workload: str) -> bool:
+    """Whether ``workload`` (a k8s.jobs job name or "serve") reserves GPUs with this config."""
+    if workload in ("train", "tune"):
+        return cfg.train.use_gpu or cfg.train.resources_per_worker.get("GPU", 0) > 0
+    if workload == "serve":
+        return any(ranker_num_gpus(cfg, uc) > 0 for uc in cfg.use_cases)
+    return False
 
 
 def _labels(s: Settings, component: str) -> dict[str, str]:
@@ -152,7 +177,8 @@ def _pod_template(s: Settings, r: NodeResources, component: str, ports) -> dict[
     }
 
 
-def ray_cluster_spec(s: Settings) -> dict[str, Any]:
+def ray_cluster_spec(s: Settings, gpu: bool = False) -> dict[str, Any]:
+    """The Ray cluster: head + the CPU worker groups, + the GPU groups when ``gpu``."""
     metrics = ("metrics", s.metrics_port)
     head_ports = [
         ("gcs", GCS_PORT),
@@ -185,6 +211,7 @@ def ray_cluster_spec(s: Settings) -> dict[str, Any]:
                 "template": _pod_template(s, w, "worker", [metrics]),
             }
             for w in s.workers
+            if gpu or not w.gpus
         ],
     }
     if s.autoscaling:
@@ -201,16 +228,21 @@ def raycluster(s: Settings) -> dict[str, Any]:
     }
 
 
-def rayjob(s: Settings, job_name: str, extra_overrides: list[str] | None = None) -> dict:
+def rayjob(
+    s: Settings, job_name: str, extra_overrides: list[str] | None = None, root: Path = ROOT
+) -> dict:
     job = JOBS[job_name]
     js = s.job(job_name)
-    cluster = ray_cluster_spec(s)
+    overrides = [*js.overrides, *(extra_overrides or [])]
+    cfg = resolved_config(s, root, overrides)
+    cluster = ray_cluster_spec(s, gpu=needs_gpu(cfg, job.name))
+    _must_fit(check(job_demand(job.name, cfg), cluster, f"RayJob {s.name_prefix}-{job.name}"))
     return {
         "apiVersion": RAY_API,
         "kind": "RayJob",
         "metadata": _meta(f"{s.name_prefix}-{job.name}", s, f"job-{job.name}"),
         "spec": {
-            "entrypoint": entrypoint(job, [*js.overrides, *(extra_overrides or [])]),
+            "entrypoint": entrypoint(job, overrides),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": js.ttl_after_finished_s,
@@ -233,7 +265,19 @@ def serve_config_v2(s: Settings, cfg: UnirankConfig, model_uri: str | None = Non
     return yaml.safe_dump(serve, sort_keys=False)
 
 
+def _must_fit(problems: list[str]) -> None:
+    """A request that fits on no node stays pending forever: fail at render time instead."""
+    if problems:
+        raise ConfigError(
+            "k8s settings: resource requests do not fit the declared nodes (head / workers "
+            "in configs/k8s/*.yaml):\n  " + "\n  ".join(problems)
+        )
+
+
 def rayservice(s: Settings, cfg: UnirankConfig, model_uri: str | None = None) -> dict:
+    serve_config = serve_config_v2(s, cfg, model_uri)
+    cluster = ray_cluster_spec(s, gpu=needs_gpu(cfg, "serve"))
+    _must_fit(check(serve_demand(serve_config), cluster, f"RayService {s.name_prefix}-serve"))
     return {
         "apiVersion": RAY_API,
         "kind": "RayService",
@@ -243,8 +287,8 @@ def rayservice(s: Settings, cfg: UnirankConfig, model_uri: str | None = None) ->
             "upgradeStrategy": {"type": s.serve_upgrade_strategy},
             "serviceUnhealthySecondThreshold": 900,
             "deploymentUnhealthySecondThreshold": 300,
-            "serveConfigV2": serve_config_v2(s, cfg, model_uri),
-            "rayClusterConfig": ray_cluster_spec(s),
+            "serveConfigV2": serve_config,
+            "rayClusterConfig": cluster,
         },
     }
 
@@ -268,7 +312,7 @@ def build_layer(
         layer.notes.append(f"RayService skipped: module {SERVE_MODULE} does not exist yet")
     for name, job in JOBS.items():
         if all_jobs or module_exists(job.module):
-            layer.jobs.append(rayjob(s, name))
+            layer.jobs.append(rayjob(s, name, root=root))
         else:
             layer.notes.append(f"RayJob {name} skipped: module {job.module} does not exist yet")
     return layer

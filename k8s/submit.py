@@ -3,6 +3,7 @@
     python -m k8s.submit out/k8s/dev/jobs/rayjob-unirank-generate.yaml --namespace unirank-dev --follow
     python -m k8s.submit --job train --overlay prod --unique --follow      # render in-process
     python -m k8s.submit --deploy --overlay prod --model-uri models:/unirank@champion
+    python -m k8s.submit --job train --overlay prod --run-id 2f6c --image REPO/unirank:TAG --follow
 
 The RayJob is created through the Kubernetes API (CustomObjectsApi); ``--follow`` polls
 ``status.jobDeploymentStatus`` / ``status.jobStatus``, streams the submitter pod's log and
@@ -10,13 +11,20 @@ exits 0 only when the Ray job SUCCEEDED. Ctrl-C cancels: the RayJob is deleted (
 with it) or, with ``--cancel suspend``, suspended. ``--deploy`` patches the RayService's
 serveConfigV2 (same generator as the render) and waits until the new config is Ready.
 
+``--image`` sets the image of every Ray pod (head and workers); ``--run-id ID`` (with
+``--job``) names the training run and the search after it (``train.run_name`` and
+``tune.name`` get ``-ID`` appended), so every step of one pipeline run shares a run and a
+rerun trains a new one instead of resuming the finished one.
+
 The Kubeflow pipeline (k8s/kubeflow) runs this module in the project image, so the launcher
-and the pipeline steps share one create-and-wait implementation.
+and the pipeline steps share one create-and-wait implementation; it passes its ``image``
+parameter and the KFP run id.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 import time
@@ -26,6 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
+from model.config import ConfigError
 
 GROUP, VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices", "RayCluster": "rayclusters"}
@@ -166,6 +176,26 @@ def prepare_rayjob(
     return body, ns
 
 
+def with_image(doc: dict, image: str) -> dict:
+    """A copy of a RayJob / RayService whose Ray pods (head and every worker) run ``image``."""
+    doc = copy.deepcopy(doc)
+    spec = doc.get("spec") or {}
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or {}
+    groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
+    for g in groups:
+        for c in ((g.get("template") or {}).get("spec") or {}).get("containers") or []:
+            c["image"] = image
+    return doc
+
+
+def run_overrides(cfg, run_id: str) -> list[str]:
+    """The per-run names of one pipeline run: ``train.run_name`` and ``tune.name`` + ``-ID``."""
+    rid = run_id.strip()
+    if not rid or any(ch in rid for ch in "/ \t\n") or rid.startswith("{{"):
+        raise SubmitError(f"--run-id {run_id!r}: expected a run id (no '/', no spaces)")
+    return [f"train.run_name={cfg.train.run_name}-{rid}", f"tune.name={cfg.tune.name}-{rid}"]
+
+
 def unique_suffix(clock: Callable[[], float] = time.time) -> str:
     """5 base-36 characters from the clock: keeps names well within KubeRay's 47."""
     n = int(clock() * 10) % 36**5
@@ -297,14 +327,18 @@ def deploy(
     name: str,
     serve_config_v2: str,
     *,
+    ray_cluster_config: dict | None = None,
     poll_s: float = 10.0,
     timeout_s: float = 1800.0,
     out: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    api.patch("RayService", namespace, name, {"spec": {"serveConfigV2": serve_config_v2}})
-    out(f"patched RayService {namespace}/{name} serveConfigV2; waiting until Ready")
+    spec: dict[str, Any] = {"serveConfigV2": serve_config_v2}
+    if ray_cluster_config is not None:  # e.g. a new image: the upgrade strategy rolls it out
+        spec["rayClusterConfig"] = ray_cluster_config
+    api.patch("RayService", namespace, name, {"spec": spec})
+    out(f"patched RayService {namespace}/{name} {', '.join(spec)}; waiting until Ready")
     start = clock()
     while True:
         if service_ready(api.get("RayService", namespace, name)):
@@ -343,6 +377,8 @@ def main(argv: list[str] | None = None, api: RayApi | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="seconds before cancelling")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between status polls")
     p.add_argument("--enabled", default="true", help="'false' skips the step (pipelines)")
+    p.add_argument("--image", help="image of every Ray pod (default: the manifest's)")
+    p.add_argument("--run-id", help="with --job: train.run_name / tune.name get '-RUN_ID'")
     a = p.parse_args(argv)
     if sum(x is not None and x is not False for x in (a.manifest, a.job, a.deploy or None)) != 1:
         p.error("give exactly one of MANIFEST, --job NAME, --deploy")
@@ -352,10 +388,14 @@ def main(argv: list[str] | None = None, api: RayApi | None = None) -> int:
     try:
         if a.deploy:
             return _deploy_from_overlay(a, api)
+        if a.run_id and not a.job:
+            raise SubmitError("--run-id needs --job (the run name comes from the overlay config)")
         if a.job:
-            doc = _rayjob_from_overlay(a.job, a.overlay, shlex.split(a.overrides))
+            doc = _rayjob_from_overlay(a.job, a.overlay, shlex.split(a.overrides), a.run_id)
         else:
             doc = load_rayjob(a.manifest, a.name)
+        if a.image:
+            doc = with_image(doc, a.image)
         body, ns = prepare_rayjob(doc, a.namespace, unique_suffix() if a.unique else None)
         return run_job(
             api or KubeApi(),
@@ -366,35 +406,42 @@ def main(argv: list[str] | None = None, api: RayApi | None = None) -> int:
             poll_s=a.poll,
             timeout_s=a.timeout,
         )
-    except SubmitError as exc:
+    except (SubmitError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def _rayjob_from_overlay(job: str, overlay: str, overrides: list[str]) -> dict:
+def _rayjob_from_overlay(
+    job: str, overlay: str, overrides: list[str], run_id: str | None = None
+) -> dict:
     from k8s.jobs import JOBS
-    from k8s.manifests import rayjob, with_namespace
+    from k8s.manifests import rayjob, resolved_config, with_namespace
     from k8s.settings import load_settings
 
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}; jobs are {sorted(JOBS)}")
     settings = load_settings(overlay)
+    if run_id is not None:  # first, so an explicit train.run_name=... in overrides wins
+        overrides = [*run_overrides(resolved_config(settings), run_id), *overrides]
     doc = rayjob(settings, job, overrides)
     return with_namespace([doc], settings.namespace)[0]
 
 
 def _deploy_from_overlay(a: argparse.Namespace, api: RayApi | None) -> int:
-    from k8s.manifests import resolved_config, serve_config_v2
+    from k8s.manifests import rayservice, resolved_config
     from k8s.settings import load_settings
 
     settings = load_settings(a.overlay)
-    text = serve_config_v2(settings, resolved_config(settings), a.model_uri)
+    if a.image:
+        settings = settings.model_copy(update={"image": a.image})
+    spec = rayservice(settings, resolved_config(settings), a.model_uri)["spec"]
     ns = a.namespace or settings.namespace or "default"
     return deploy(
         api or KubeApi(),
         ns,
         f"{settings.name_prefix}-serve",
-        text,
+        spec["serveConfigV2"],
+        ray_cluster_config=spec["rayClusterConfig"] if a.image else None,
         poll_s=a.poll,
         timeout_s=a.timeout or 1800.0,
     )

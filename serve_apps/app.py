@@ -35,7 +35,7 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
     (what ``serve deploy`` does with the same YAML).
     """
     s = AppSettings.from_args(args)
-    opts = deployment_options(s.use_case)
+    opts = deployment_options(s.use_case, s.cfg)
     for d in deployments or []:
         if d["name"] not in opts:
             raise ConfigError(

@@ -29,6 +29,9 @@ IMPORT_PATH = "serve_apps.app:build_app"
 INGRESS_DEPLOYMENT = "UseCaseIngress"
 RANKER_DEPLOYMENT = "Ranker"
 INGRESS_NUM_CPUS = 0.1
+# GPU share a ranker replica reserves when serve.device is cuda and its use-case sets no
+# num_gpus: small rankers pack four to a GPU, and Ray places them on GPU nodes only.
+CUDA_RANKER_GPUS = 0.25
 
 
 def load_use_cases(directory: str | Path) -> list[UseCaseConfig]:
@@ -64,7 +67,15 @@ def load_use_cases(directory: str | Path) -> list[UseCaseConfig]:
     return out
 
 
-def _deployments(uc: UseCaseConfig) -> list[dict[str, Any]]:
+def ranker_num_gpus(cfg: UnirankConfig, uc: UseCaseConfig) -> float:
+    """The use-case's ``num_gpus``; with ``serve.device: cuda`` at least CUDA_RANKER_GPUS, so
+    a replica that will run on CUDA is scheduled where a GPU is (``auto`` reserves none)."""
+    if cfg.serve.device == "cuda":
+        return uc.num_gpus or CUDA_RANKER_GPUS
+    return uc.num_gpus
+
+
+def _deployments(uc: UseCaseConfig, num_gpus: float | None = None) -> list[dict[str, Any]]:
     # Graceful shutdown lets in-flight requests (bounded by the request timeout) finish.
     shutdown_s = max(2.0, 2 * uc.request_timeout_s)
     # A request that cannot be routed within a fraction of its deadline is better failed fast.
@@ -77,7 +88,10 @@ def _deployments(uc: UseCaseConfig) -> list[dict[str, Any]]:
             "max_replicas": uc.max_replicas,
             "target_ongoing_requests": uc.target_ongoing_requests,
         },
-        "ray_actor_options": {"num_cpus": uc.num_cpus, "num_gpus": uc.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": uc.num_cpus,
+            "num_gpus": uc.num_gpus if num_gpus is None else num_gpus,
+        },
         "graceful_shutdown_timeout_s": shutdown_s,
         "request_router_config": router,
     }
@@ -96,10 +110,14 @@ def _deployments(uc: UseCaseConfig) -> list[dict[str, Any]]:
     return [ingress, ranker]
 
 
-def deployment_options(uc: UseCaseConfig) -> dict[str, dict[str, Any]]:
+def deployment_options(
+    uc: UseCaseConfig, cfg: UnirankConfig | None = None
+) -> dict[str, dict[str, Any]]:
     """Deployment name -> its options (``Deployment.options(**...)``), the same numbers the
-    Serve config carries, so ``serve.run(build_app(args))`` and ``serve deploy`` agree."""
-    return {d["name"]: d for d in _deployments(uc)}
+    Serve config carries, so ``serve.run(build_app(args))`` and ``serve deploy`` agree.
+    With ``cfg``, the ranker's GPUs follow ``serve.device`` (:func:`ranker_num_gpus`)."""
+    gpus = None if cfg is None else ranker_num_gpus(cfg, uc)
+    return {d["name"]: d for d in _deployments(uc, gpus)}
 
 
 def build_serve_config(
@@ -142,7 +160,7 @@ def build_serve_config(
                 "route_prefix": uc.route_prefix,
                 "import_path": IMPORT_PATH,
                 "args": args,
-                "deployments": _deployments(uc),
+                "deployments": _deployments(uc, ranker_num_gpus(resolved, uc)),
             }
         )
     return {

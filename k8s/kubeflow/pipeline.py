@@ -5,7 +5,11 @@ Every step is a container component running the project image's own launcher,
 the image, creates it through the Kubernetes API, follows it and exits non-zero when the Ray
 job fails, so the KFP step fails with it. ``deploy`` patches the RayService's serveConfigV2
 with the registered model and waits until it is Ready. One create-and-wait implementation
-serves the CLI and the pipeline.
+serves the CLI and the pipeline. The ``image`` parameter is the image of the steps and of
+every Ray pod they create (``--image``); the KFP run id names the training run of the
+pipeline run (``--run-id``: ``train.run_name`` / ``tune.name`` + ``-<run id>``), so a rerun
+trains anew instead of resuming the finished run, and train, evaluate and register all
+address the same run.
 
 ``tune`` is optional at run time (``run_tune``): KFP does not let a task outside a
 ``dsl.If`` depend on a task inside it, so the step always exists and its launcher exits 0
@@ -37,7 +41,7 @@ JOB_STEPS = [
 
 
 def _rayjob_component(task: str, job: str):
-    def step(overlay: str, namespace: str, overrides: str, enabled: str):
+    def step(image: str, run_id: str, overlay: str, namespace: str, overrides: str, enabled: str):
         return dsl.ContainerSpec(
             image=DEFAULT_IMAGE,
             command=LAUNCHER,
@@ -47,6 +51,8 @@ def _rayjob_component(task: str, job: str):
                 "--namespace", namespace,
                 "--overrides", overrides,
                 "--enabled", enabled,
+                "--image", image,
+                "--run-id", run_id,
                 "--unique",
                 "--follow",
             ],
@@ -62,13 +68,19 @@ COMPONENTS = {task: _rayjob_component(task, job) for task, job in JOB_STEPS}
 
 
 @dsl.container_component
-def deploy(overlay: str, namespace: str, model_uri: str):
-    """Patch the RayService serveConfigV2 with the model and wait until it is Ready."""
+def deploy(image: str, overlay: str, namespace: str, model_uri: str):
+    """Patch the RayService (serveConfigV2, pod image) with the model; wait until Ready."""
     return dsl.ContainerSpec(
         image=DEFAULT_IMAGE,
         command=LAUNCHER,
-        args=["--deploy", "--overlay", overlay, "--namespace", namespace, "--model-uri", model_uri],
-    )
+        args=[
+            "--deploy",
+            "--overlay", overlay,
+            "--namespace", namespace,
+            "--model-uri", model_uri,
+            "--image", image,
+        ],
+    )  # fmt: skip
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
@@ -84,13 +96,19 @@ def unirank_pipeline(
     for task, _job in JOB_STEPS:
         enabled = run_tune if task == "tune" else "true"
         t = COMPONENTS[task](
-            overlay=overlay, namespace=namespace, overrides=overrides, enabled=enabled
+            image=image,
+            # one training run (and search) per pipeline run, shared by its steps
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            overlay=overlay,
+            namespace=namespace,
+            overrides=overrides,
+            enabled=enabled,
         )
         t.set_container_image(image).set_caching_options(False)
         if previous is not None:
             t.after(previous)
         previous = t
-    d = deploy(overlay=overlay, namespace=namespace, model_uri=model_uri)
+    d = deploy(image=image, overlay=overlay, namespace=namespace, model_uri=model_uri)
     d.set_container_image(image).set_caching_options(False).after(previous)
 
 

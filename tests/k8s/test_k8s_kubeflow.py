@@ -68,3 +68,20 @@ def test_every_step_runs_the_launcher_in_the_project_image(compiled):
         assert container["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
     deploy = executors["exec-deploy"]["container"]
     assert deploy["command"] == ["python", "-m", "k8s.submit"] and "--deploy" in deploy["args"]
+
+
+def test_image_parameter_reaches_the_ray_pods_and_runs_are_named_per_pipeline_run(compiled):
+    spec = yaml.safe_load(compiled.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    for task in [t for t, _ in pipeline.JOB_STEPS] + ["deploy"]:
+        args = executors[f"exec-{task}"]["container"]["args"]
+        # the launcher sets the image of every Ray pod it creates (k8s.submit --image)
+        assert args[args.index("--image") + 1] == "{{$.inputs.parameters['image']}}"
+        params = tasks[task]["inputs"]["parameters"]
+        assert params["image"] == {"componentInputParameter": "image"}
+        if task == "deploy":
+            continue
+        assert args[args.index("--run-id") + 1] == "{{$.inputs.parameters['run_id']}}"
+        # KFP resolves this to the pipeline run's id: one run name per pipeline run
+        assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from k8s import kustomize
+from k8s.capacity import Demand, check, check_docs, nodes, quantity, serve_demand
 from k8s.jobs import CONFIG_PATH, JOBS, module_exists
 from k8s.kustomize import apply_patch, build_overlay, diff, stale_files
-from k8s.manifests import SERVE_MODULE, build_layer, rayservice, resolved_config
+from k8s.manifests import (
+    SERVE_MODULE,
+    build_layer,
+    config_document,
+    rayservice,
+    resolved_config,
+)
 from k8s.render import main as render_main
-from k8s.settings import load_settings, overlays
+from k8s.settings import ROOT, SETTINGS_DIR, load_settings, overlays
 from k8s.validate import validate_doc, validate_files
 from model.config import ConfigError
 from serve_apps.deploy_config import build_serve_config
 
 pytestmark = pytest.mark.unit
+USE_CASES_DIR = ROOT / "configs" / "use_cases"
 
 
 def _docs(directory: Path) -> dict[tuple[str, str], dict]:
@@ -130,17 +139,64 @@ def test_dev_is_small_cpu_one_worker(rendered):
     assert rc["spec"]["enableInTreeAutoscaling"] is False
 
 
-def test_prod_has_an_autoscaled_gpu_group_on_gpu_nodes(rendered):
-    rc = _docs(rendered["prod"])[("RayCluster", "unirank")]
-    assert rc["spec"]["enableInTreeAutoscaling"] is True
-    (group,) = rc["spec"]["workerGroupSpecs"]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    assert group["minReplicas"] < group["maxReplicas"]
-    pod = group["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert pod["containers"][0]["image"].endswith("-gpu")
+def _groups(spec: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+
+
+def test_prod_has_autoscaled_cpu_and_gpu_groups(rendered):
+    docs = _docs(rendered["prod"])
+    svc = docs[("RayService", "unirank-serve")]["spec"]["rayClusterConfig"]
+    assert svc["enableInTreeAutoscaling"] is True
+    groups = _groups(svc)
+    assert set(groups) == {"cpu", "gpu"}
+    for g in groups.values():
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert g["minReplicas"] < g["maxReplicas"]
+    gpu = groups["gpu"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert gpu["containers"][0]["image"].endswith("-gpu")
+    cpu = groups["cpu"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in cpu  # so CPU pods never land on the tainted GPU nodes
+
+
+# prod: which clusters get the GPU group (train/tune use GPUs, serve.device is cuda)
+PROD_GROUPS = {
+    ("RayCluster", "unirank"): {"cpu"},
+    ("RayService", "unirank-serve"): {"cpu", "gpu"},
+    ("RayJob", "unirank-generate"): {"cpu"},
+    ("RayJob", "unirank-prepare"): {"cpu"},
+    ("RayJob", "unirank-evaluate"): {"cpu"},
+    ("RayJob", "unirank-export"): {"cpu"},
+    ("RayJob", "unirank-user-embeddings"): {"cpu"},
+    ("RayJob", "unirank-train"): {"cpu", "gpu"},
+    ("RayJob", "unirank-tune"): {"cpu", "gpu"},
+}
+
+
+def test_prod_cpu_workloads_get_no_gpu_nodes():
+    layer, _ = build_overlay("prod", all_jobs=True, force_serve=True)
+    got = {}
+    for d in layer.cluster + layer.jobs:
+        if d["kind"] == "ConfigMap":
+            continue
+        spec = d["spec"] if d["kind"] == "RayCluster" else d["spec"].get("rayClusterSpec")
+        spec = spec or d["spec"].get("rayClusterConfig")
+        if spec is not None:
+            got[(d["kind"], d["metadata"]["name"])] = set(_groups(spec))
+    assert got == PROD_GROUPS
+
+
+def test_prod_rankers_reserve_gpus_and_serve_on_cuda():
+    settings = load_settings("prod")
+    cfg = resolved_config(settings)
+    assert cfg.serve.device == "cuda"
+    serve = yaml.safe_load(rayservice(settings, cfg)["spec"]["serveConfigV2"])
+    for app in serve["applications"]:
+        opts = {d["name"]: d["ray_actor_options"] for d in app["deployments"]}
+        assert opts["Ranker"]["num_gpus"] > 0, app["name"]
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
@@ -194,6 +250,72 @@ def test_rayservice_serve_config_is_the_generator_output():
     )
     assert yaml.safe_load(svc["spec"]["serveConfigV2"]) == expected
     assert svc["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_rendered_requests_fit_the_declared_nodes(rendered, overlay):
+    """Every RayJob and the RayService, re-derived from the rendered files alone."""
+    docs = [yaml.safe_load(p.read_text()) for p in sorted(rendered[overlay].rglob("*.yaml"))]
+    assert any(d["kind"] == "RayService" for d in docs) == module_exists(SERVE_MODULE)
+    assert check_docs(docs) == []
+
+
+def test_requests_that_do_not_fit_are_named():
+    """The old dev worker (2 CPUs, head num-cpus 0): the five use-cases' replicas need 2.25."""
+    layer, _ = build_overlay("dev", all_jobs=True, force_serve=True)
+    svc = copy.deepcopy(next(d for d in layer.cluster if d["kind"] == "RayService"))
+    (group,) = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "2"
+    demand = serve_demand(svc["spec"]["serveConfigV2"])
+    assert sum(cpu for _, cpu, _ in demand.bundles) == pytest.approx(2.25)
+    problems = check(demand, svc["spec"]["rayClusterConfig"], "RayService/unirank-serve")
+    assert problems and all("fits on no node" in p for p in problems)
+    assert "RayService/unirank-serve: Serve " in problems[0]
+    # a GPU request on a cluster without GPU nodes
+    d = Demand()
+    d.add("train worker", 1, 1)
+    (msg,) = check(d, svc["spec"]["rayClusterConfig"], "RayJob/x")
+    assert msg.startswith("RayJob/x: train worker (1 CPU, 1 GPU) fits on no node")
+    assert nodes({"headGroupSpec": group, "workerGroupSpecs": []})[0].cpu == 2.0
+    assert quantity("500m") == 0.5
+
+
+def test_render_refuses_requests_that_do_not_fit(tmp_path):
+    base = (SETTINGS_DIR / "base.yaml").read_text()
+    (tmp_path / "base.yaml").write_text(base)
+    (tmp_path / "dev.yaml").write_text(
+        "workers:\n  - {name: cpu, replicas: 1, min_replicas: 1, max_replicas: 1, cpu: '2'}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"do not fit the declared nodes(.|\n)*RayService unirank-serve: Serve "
+    ):
+        build_layer(load_settings("dev", tmp_path), all_jobs=True)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_jobs_read_the_splits_prepare_writes(overlay):
+    cfg = resolved_config(load_settings(overlay))
+    root = cfg.prepare.output.rstrip("/")
+    assert root.startswith("s3://")
+    for split in ("train", "validation", "test"):
+        assert getattr(cfg.dataset, split) == [f"{root}/{split}"]
+    assert cfg.generate.output == cfg.prepare.input
+    assert cfg.serve.model_uri == load_settings(overlay).model_uri
+
+
+def test_settings_config_resolves_base_at_any_depth(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("train: {epochs: 7, lr: 0.5}\n")
+    (tmp_path / "configs" / "b.yaml").write_text("base: a.yaml\ntrain: {lr: 0.25}\n")
+    (tmp_path / "configs" / "c.yaml").write_text("base: b.yaml\nmodel: {dropout: 0.3}\n")
+    s = load_settings("base").model_copy(update={"config": "configs/c.yaml"})
+    s = s.model_copy(update={"use_cases_dir": str(USE_CASES_DIR)})
+    cfg = resolved_config(s, root=tmp_path)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.dropout) == (7, 0.25, 0.3)
+    assert "base" not in config_document(s, root=tmp_path)
+    (tmp_path / "configs" / "a.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        config_document(s, root=tmp_path)
 
 
 def test_layer_gates_on_module_existence():

@@ -268,3 +268,48 @@ def test_deploy_patches_serve_config_and_waits_until_ready(capsys):
     serve = yaml.safe_load(patch[4]["spec"]["serveConfigV2"])
     assert {a["args"]["model_uri"] for a in serve["applications"]} == {"models:/unirank/7"}
     assert sum(c[0] == "get" for c in api.calls) == 3
+
+
+def _pod_images(body: dict) -> set[str]:
+    spec = body["spec"].get("rayClusterSpec") or body["spec"].get("rayClusterConfig")
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+
+
+def test_cli_image_and_run_id_reach_the_rayjob(manifest, capsys):
+    api = FakeApi(statuses=[_status("Complete", "SUCCEEDED")])
+    argv = ["--job", "train", "--overlay", "prod", "--image", "reg/unirank:abc", "--run-id", "r42"]
+    code = submit.main([*argv, "--overrides", "train.epochs=2"], api=api)
+    assert code == 0, capsys.readouterr().err
+    body = next(iter(api.objects.values()))
+    assert _pod_images(body) == {"reg/unirank:abc"}
+    assert body["spec"]["entrypoint"].endswith(
+        "/etc/unirank/unirank.yaml train.run_name=unirank-r42 tune.name=unirank_search-r42 "
+        "train.epochs=2"
+    )
+    # an explicit run name in --overrides wins (it comes last)
+    api = FakeApi(statuses=[_status("Complete", "SUCCEEDED")])
+    submit.main(["--job", "train", "--run-id", "r42", "--overrides", "train.run_name=x"], api=api)
+    assert next(iter(api.objects.values()))["spec"]["entrypoint"].endswith("train.run_name=x")
+    # a manifest file: --image works, --run-id needs --job; an unresolved placeholder is refused
+    api = FakeApi(statuses=[_status("Complete", "SUCCEEDED")])
+    assert submit.main([str(manifest), "--image", "reg/u:1"], api=api) == 0
+    assert _pod_images(next(iter(api.objects.values()))) == {"reg/u:1"}
+    capsys.readouterr()
+    assert submit.main([str(manifest), "--run-id", "r1"], api=FakeApi()) == 2
+    assert "--run-id needs --job" in capsys.readouterr().err
+    bad = ["--job", "train", "--run-id", "{{$.pipeline_job_uuid}}"]
+    assert submit.main(bad, api=FakeApi()) == 2
+    assert "--run-id '{{$.pipeline_job_uuid}}'" in capsys.readouterr().err
+
+
+def test_deploy_with_an_image_patches_the_ray_pods_too(capsys):
+    api = FakeApi(service=[_svc(1, 1, "True")])
+    argv = ["--deploy", "--overlay", "prod", "--image", "reg/unirank:abc", "--poll", "0"]
+    assert submit.main(argv, api=api) == 0
+    spec = api.calls[0][4]["spec"]
+    assert set(spec) == {"serveConfigV2", "rayClusterConfig"}
+    assert _pod_images({"spec": spec}) == {"reg/unirank:abc"}
+    api = FakeApi(service=[_svc(1, 1, "True")])
+    assert submit.main(["--deploy", "--overlay", "prod", "--poll", "0"], api=api) == 0
+    assert set(api.calls[0][4]["spec"]) == {"serveConfigV2"}  # no image: pods untouched

@@ -102,3 +102,26 @@ def test_cli_writes_the_serve_config(tmp_path):
     data = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(data)
     assert data["http_options"]["port"] == 8123
+
+
+@pytest.mark.parametrize(
+    ("device", "use_case_gpus", "expected"),
+    [("cuda", 0.0, 0.25), ("cuda", 0.5, 0.5), ("auto", 0.0, 0.0), ("cpu", 0.0, 0.0)],
+)
+def test_rankers_reserve_gpus_when_serving_on_cuda(device, use_case_gpus, expected):
+    from serve_apps.deploy_config import CUDA_RANKER_GPUS, deployment_options
+
+    assert CUDA_RANKER_GPUS == 0.25
+    cfg = load_config(None, [f"serve.device={device}"])
+    use_cases = [
+        uc.model_copy(update={"num_gpus": use_case_gpus}) for uc in load_use_cases(USE_CASES)
+    ]
+    out = build_serve_config(cfg, use_cases)
+    ServeDeploySchema.model_validate(out)
+    for app in out["applications"]:
+        deployments = {d["name"]: d["ray_actor_options"] for d in app["deployments"]}
+        assert deployments[RANKER_DEPLOYMENT]["num_gpus"] == expected
+        assert deployments[INGRESS_DEPLOYMENT]["num_gpus"] == 0.0  # HTTP only, no model
+    # serve.run(build_app(args)) builds its options the same way
+    opts = deployment_options(use_cases[0], cfg)
+    assert opts[RANKER_DEPLOYMENT]["ray_actor_options"]["num_gpus"] == expected
