@@ -70,3 +70,46 @@ def test_raw_logs_for_prepare(built):
     assert imps.num_rows == sum(t.num_rows for t in splits.values())
     clicks = events.filter(pc.equal(events["event_type"], "click")).num_rows
     assert clicks == 100836
+
+
+def test_item_content_genres_title_words_and_release_year(built):
+    """Each movie's genres are its item_categories (the category_id vocabulary of the
+    category use-case), its title then tag words its title_tokens (the query vocabulary),
+    the year in its title a 5-year bucket; MovieLens has no user profiles."""
+    import pandas as pd
+
+    from ray_jobs.movielens import year_bucket
+
+    cfg, _, splits, _ = built
+    t = splits["train"].slice(0, 20000).to_pandas()
+    movies = pd.read_csv(f"{cfg.movielens.source}/movies.csv").set_index("movieId")
+    heat = t[t.item_id == 6].iloc[0]  # "Heat (1995)", Action|Crime|Thriller
+    assert heat.release_year_bucket == (1995 - 1900) // 5 + 1
+    assert len(heat.item_categories) == 3
+    for _, row in t.drop_duplicates("item_id").head(300).iterrows():
+        genres = movies.loc[row.item_id, "genres"]
+        expected = 0 if genres == "(no genres listed)" else len(genres.split("|"))
+        assert len(row.item_categories) == expected
+        assert row.release_year_bucket == year_bucket(movies.loc[row.item_id, "title"])
+        assert len(row.title_tokens) > 0
+    # The category use-case's browsed genre is one of the positive item's genres.
+    cat = t[(t.task_type == "category") & (t.click == 1.0)]
+    assert all(c in g for c, g in zip(cat.category_id, cat.item_categories, strict=True))
+    # Search queries are tag words: every positive's title tokens hold its query.
+    search = t[(t.task_type == "search") & (t.click == 1.0)]
+    assert all(
+        set(q) <= set(w) for q, w in zip(search.query_tokens, search.title_tokens, strict=True)
+    )
+    for col in ("region", "age_band", "brand_id", "price_tier"):
+        assert (t[col] == 0).all(), col
+    assert (t.declared_interests.map(len) == 0).all()
+
+
+def test_year_bucket_parses_the_title():
+    from ray_jobs.movielens import year_bucket
+
+    assert year_bucket("Toy Story (1995)") == 20
+    assert year_bucket("Metropolis (1927) ") == 6
+    assert year_bucket("Stranger Things (2016-)") == 24
+    assert year_bucket("Babylon 5") == 0
+    assert year_bucket("Ancient (1850)") == 1  # clipped
