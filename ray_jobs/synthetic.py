@@ -527,10 +527,11 @@ def generate_chunk(world: World, chunk: int) -> dict[str, pa.Table]:
     ev = {k: np.concatenate([p[k] for p in ev_parts]) for k in ev_parts[0]}
     dup = rng.random(len(ev["event_id"])) < cfg.duplicate_event_rate
     ev = {k: np.concatenate([v, v[dup]]) for k, v in ev.items()}
-    # Drawn before filtering, so a later export sees the same events plus the newer ones.
-    seen = ev["event_time"] <= world.start + cfg.days * DAY + int(
-        cfg.observe_hours_after_end * HOUR
-    )
+    # Drawn before filtering, so a later export sees the same events plus the newer ones. The
+    # export is taken at that instant: events strictly before it are logged, so with no extra
+    # hours the newest logged time falls on the last generated day and prepare's day-aligned
+    # split boundaries stay where generate.cold_start_days expects them.
+    seen = ev["event_time"] < world.start + cfg.days * DAY + int(cfg.observe_hours_after_end * HOUR)
     ev = {k: v[seen] for k, v in ev.items()}
     order = np.lexsort((ev["event_id"], ev["event_time"]))
     ev = {k: v[order] for k, v in ev.items()}

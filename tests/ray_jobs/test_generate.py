@@ -311,7 +311,11 @@ def test_cold_start_users_and_items_arrive_only_late():
     from ray_jobs.synthetic import DAY, generate_chunk
 
     days, window = 5, 2
-    knobs = [f"generate.cold_start_days={window}", "generate.rows_per_chunk=6000"]
+    knobs = [
+        f"generate.cold_start_days={window}",
+        "generate.rows_per_chunk=6000",
+        "generate.observe_hours_after_end=0",  # exported right at the end, like the demo
+    ]
     world = _world(*knobs, "generate.new_user_fraction=0.2", "generate.new_item_fraction=0.2")
     chunk = generate_chunk(world, 0)
     df, truth = chunk["impressions"].to_pandas(), chunk["truth"].to_pandas()
@@ -332,6 +336,10 @@ def test_cold_start_users_and_items_arrive_only_late():
     seq_times = np.concatenate(df.seq_timestamps.to_numpy())
     assert (world.item_arrival[seq_items] <= seq_times).all()
     assert (world.item_arrival[seq_items] >= late_from).any()  # new items do enter histories
+    # Logs end before the export instant, so prepare's last day is the last generated day and
+    # its default boundaries (2 + 2 days) fall where the new users and items arrive.
+    end_us = (world.start + days * DAY) * 10**6
+    assert chunk["events"]["event_time"].cast("int64").to_numpy().max() < end_us
     none = generate_chunk(
         _world(*knobs, "generate.new_user_fraction=0", "generate.new_item_fraction=0"), 0
     )["truth"].to_pandas()

@@ -333,3 +333,57 @@ def test_newest_time_reads_statistics_and_falls_back_to_the_column(ray_cluster, 
     pq.write_table(pa.table({"time": [1]}), d / "c.parquet")
     with pytest.raises(PrepareError, match=r"c\.parquet: no event_time column"):
         _newest(str(d), None)
+
+
+CONTENT = ["brand_id", "price_tier", "title_tokens", "item_categories"]
+PROFILE = ["region", "age_band", "declared_interests"]
+
+
+def test_content_and_profile_columns_reach_the_examples(run):
+    """Item content and user profiles pass through unchanged, and the cold-start users and
+    items of the generator are in the later splits only: training never sees them."""
+    cfg, summary, root = run
+    df = _read_output(root / "prepared")
+    raw = pq.read_table(root / "raw" / "impressions", columns=["impression_id", *CONTENT, *PROFILE])
+    raw = raw.to_pandas().set_index("impression_id").loc[df.impression_id]
+    for col in CONTENT + PROFILE:
+        got, want = df[col].to_numpy(), raw[col].to_numpy()
+        same = [np.array_equal(a, b) for a, b in zip(got, want, strict=True)]
+        assert all(same), col
+    truth = pq.read_table(root / "raw" / "truth" / "impressions").to_pandas()
+    cold = truth.set_index("impression_id").loc[df.impression_id, ["cold_user", "cold_item"]]
+    df["cold"] = (cold.cold_user | cold.cold_item).to_numpy()
+    assert not df[df.split == "train"].cold.any()
+    assert df[df.split == "test"].cold.mean() > 0.02
+    train_items = set(df[df.split == "train"].item_id)
+    assert (~df[df.split == "test"].item_id.isin(train_items)).sum() > 0
+
+
+def test_logs_without_content_or_profiles_get_placeholders():
+    """Raw logs that carry none of the content / profile columns (older or foreign logs)
+    still make unified examples: 0 and empty lists, the placeholders."""
+    from model.config import PrepareConfig
+    from ray_jobs.prepare import _finalize
+    from ray_jobs.synthetic import World, generate_chunk
+
+    gen = load_config(None, [*GEN, "generate.rows_per_chunk=500"]).generate
+    imps = generate_chunk(World.build(gen), 0)["impressions"].drop_columns(
+        [*CONTENT, "release_year_bucket", *PROFILE]
+    )
+    n = imps.num_rows
+    batch = imps.append_column(
+        "event_time_s", pa.array(imps["event_time"].cast(pa.int64()).to_numpy() // 10**6)
+    )
+    for name in ("click", "add_to_cart", "checkout", "engage", "sample_weight"):
+        batch = batch.append_column(name, pa.array(np.ones(n, dtype=np.float32)))
+    out = _finalize(batch, PrepareConfig(negative_rate=1.0), {}, {}, (2**40, 2**41))
+    assert out.num_rows == n
+    assert (
+        out.schema.remove(out.schema.get_field_index("date"))
+        .remove(out.schema.get_field_index("split"))
+        .equals(UNIFIED_SCHEMA)
+    )
+    for col in ("brand_id", "price_tier", "release_year_bucket", "region", "age_band"):
+        assert pc.max(out[col]).as_py() == 0, col
+    for col in ("title_tokens", "item_categories", "declared_interests"):
+        assert pc.max(pc.list_value_length(out[col])).as_py() == 0, col
