@@ -4,27 +4,42 @@ Two backends behind one async interface (``serve.feature_store``):
 
 - ``memory`` (default): a dict in the ingress replica's process. No set-up, nothing shared:
   each application (and each replica) sees the events posted to it. For local runs and tests.
-- ``redis`` (``serve.redis_url``): one list per user (``unirank:ev:<user>``, newest last,
-  trimmed to ``keep`` events) and one hash per user for the precomputed encoding
+- ``redis`` (``serve.redis_url``): one list per user (``unirank:ev:<user>``, oldest first,
+  trimmed to the newest ``keep`` events) and one hash per user for the precomputed encoding
   (``unirank:enc:<user>``: vector, shape, event_ts, computed_at, last_event_ts, model; written
   by ray_jobs.user_embeddings). Shared by every application and replica.
 
-Events are ``(item_id, event_type, timestamp_s)``; ``recent(user, n)`` returns the newest
-``n``, oldest first — the order of the model's ``seq_*`` columns.
+Events are ``(item_id, event_type, timestamp_s)``, kept in timestamp order whatever order
+they arrive in: a backfilled event goes into its place (equal timestamps keep their arrival
+order), so ``recent(user, n)`` returns the newest ``n``, oldest first — the order of the
+model's ``seq_*`` columns — and ``Events.last_ts`` is the newest event's time.
+
+Reading checks every stored entry: one that cannot be parsed, holds an id outside int64 or a
+timestamp outside the valid event times (serve_apps.bounds.EventTimes), or a history out of
+timestamp order (written by an older version), is *repaired*: the readable events are kept
+in order, the unreadable entries move to a quarantine list (``unirank:bad:<user>``, newest
+``keep``) and the store's ``on_repair(user_id, reason, count)`` callback counts and logs it.
+An unreadable encoding is deleted (the batch job writes a new one) and reported the same way.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import time
-from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from model.config import ServeConfig
+from serve_apps.bounds import INT64_MAX, EventTimes
 
 KEY_PREFIX = "unirank"
+MAX_EVENT_TYPE = 255  # serve_apps.schemas.Event.event_type
+logger = logging.getLogger("ray.serve")
+RepairHook = Callable[[int, str, int], None]  # (user_id, reason, entries affected)
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,77 @@ class Events:
 
     @property
     def last_ts(self) -> int:
-        return int(self.timestamps[-1]) if len(self) else 0
+        """The newest event's time (0 without events)."""
+        return int(self.timestamps.max()) if len(self) else 0
+
+    def digest(self) -> str:
+        """Identifies the exact history (a backfill changes it even when the newest event and
+        the count stay the same): part of the result-cache key."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.item_ids, self.event_types, self.timestamps):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _entry_row(entry: object) -> tuple[int, int, int] | None:
+    """A stored entry (a tuple, or Redis' ``b"item:type:ts"``) -> its ints, None when
+    unreadable or outside the ranges the model can take."""
+    try:
+        parts = entry.split(b":") if isinstance(entry, bytes) else entry
+        item, etype, ts = (int(x) for x in parts)  # type: ignore[union-attr]
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if not (0 <= item <= INT64_MAX and 0 <= etype <= MAX_EVENT_TYPE and 0 <= ts <= INT64_MAX):
+        return None
+    return item, etype, ts
+
+
+@dataclass(frozen=True)
+class History:
+    """What reading a stored history found: the usable events, oldest first, and what needs
+    repairing."""
+
+    events: Events
+    unreadable: list  # raw entries that cannot be parsed or are out of range
+    bad_time: list  # raw entries whose timestamp is outside the valid event times
+    out_of_order: bool  # the readable entries were not in timestamp order
+
+    @property
+    def needs_repair(self) -> bool:
+        return bool(self.unreadable or self.bad_time or self.out_of_order)
+
+
+def read_history(entries: Iterable, times: EventTimes | None, now: float | None = None) -> History:
+    """Parse and check stored entries (oldest first as stored)."""
+    rows, unreadable, bad_time = [], [], []
+    hi = None if times is None else times.max_ts(now)
+    for e in entries:
+        row = _entry_row(e)
+        if row is None:
+            unreadable.append(e)
+        elif times is not None and not times.min_ts <= row[2] <= hi:
+            bad_time.append(e)
+        else:
+            rows.append(row)
+    ts = [r[2] for r in rows]
+    out_of_order = any(a > b for a, b in zip(ts, ts[1:], strict=False))
+    if out_of_order:
+        rows.sort(key=lambda r: r[2])  # stable: equal times keep their stored order
+    return History(Events.from_rows(rows), unreadable, bad_time, out_of_order)
+
+
+def _report(hook: RepairHook | None, user_id: int, h: History) -> None:
+    for reason, n in (
+        ("unreadable", len(h.unreadable)),
+        ("bad_timestamp", len(h.bad_time)),
+        ("out_of_order", int(h.out_of_order)),
+    ):
+        if n:
+            logger.warning("feature store: user %s history repaired: %s x%d", user_id, reason, n)
+            if hook is not None:
+                hook(user_id, reason, n)
 
 
 @dataclass(frozen=True)
@@ -139,25 +224,48 @@ def write_encodings(
 
 
 class MemoryFeatureStore:
-    """In-process store (one per replica)."""
+    """In-process store (one per replica): a timestamp-ordered list per user."""
 
     backend = "memory"
 
-    def __init__(self, keep: int = 256):
-        self.keep = keep
-        self._events: dict[int, deque] = {}
+    def __init__(
+        self, keep: int = 256, times: EventTimes | None = None, on_repair: RepairHook | None = None
+    ):
+        self.keep, self.times, self.on_repair = keep, times, on_repair
+        self._events: dict[int, list] = {}
+        self._bad: dict[int, list] = {}
         self._enc: dict[int, Encoding] = {}
 
     async def append(self, user_id: int, item_id: int, event_type: int, ts: int) -> int:
-        q = self._events.setdefault(user_id, deque(maxlen=self.keep))
-        q.append((item_id, event_type, ts))
+        q = self._events.setdefault(user_id, [])
+        # after any event with the same time: equal times keep their arrival order
+        bisect.insort_right(q, (item_id, event_type, ts), key=lambda e: e[2])
+        del q[: max(0, len(q) - self.keep)]
         return len(q)
 
     async def recent(self, user_id: int, n: int) -> Events:
         q = self._events.get(user_id)
         if not q or n <= 0:
             return Events.empty()
-        return Events.from_rows(list(q)[-n:])
+        h = read_history(q[-n:], self.times)
+        if h.needs_repair:
+            self._repair(user_id)
+            _report(self.on_repair, user_id, h)
+        return h.events
+
+    def _repair(self, user_id: int) -> None:
+        q = self._events[user_id]
+        h = read_history(q, self.times)
+        bad = self._bad.setdefault(user_id, [])
+        bad.extend(h.unreadable + h.bad_time)
+        del bad[: max(0, len(bad) - self.keep)]
+        e = h.events
+        self._events[user_id] = list(
+            zip(e.item_ids.tolist(), e.event_types.tolist(), e.timestamps.tolist(), strict=True)
+        )
+
+    async def quarantined(self, user_id: int) -> list:
+        return list(self._bad.get(user_id, []))
 
     async def put_encoding(self, user_id: int, enc: Encoding) -> None:
         self._enc[user_id] = enc
@@ -172,37 +280,112 @@ class MemoryFeatureStore:
         return None
 
 
+# Insert one event in timestamp order (after equal times), keep the newest ARGV[1], return
+# the length. Lua numbers are doubles: exact for any unix time in seconds. An entry whose
+# time cannot be parsed counts as oldest (reading repairs it).
+_APPEND_LUA = """
+local key, keep, entry, ts = KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local function ts_of(v)
+  return tonumber(string.match(v, ':(%-?%d+)$') or '') or -math.huge
+end
+local last = redis.call('LINDEX', key, -1)
+if (not last) or ts_of(last) <= ts then
+  redis.call('RPUSH', key, entry)
+else
+  local items = redis.call('LRANGE', key, 0, -1)
+  local pos = 0
+  for i = #items, 1, -1 do
+    if ts_of(items[i]) <= ts then pos = i; break end
+  end
+  local tail = {entry}
+  for i = pos + 1, #items do tail[#tail + 1] = items[i] end
+  if pos == 0 then redis.call('DEL', key) else redis.call('LTRIM', key, 0, pos - 1) end
+  redis.call('RPUSH', key, unpack(tail))
+end
+redis.call('LTRIM', key, -keep, -1)
+return redis.call('LLEN', key)
+"""
+
+
 class RedisFeatureStore:
-    """Redis-backed store (redis.asyncio). Events are ``item:type:ts`` strings in a list."""
+    """Redis-backed store (redis.asyncio). Events are ``item:type:ts`` strings in a list,
+    oldest first."""
 
     backend = "redis"
 
-    def __init__(self, url: str, keep: int = 256, prefix: str = KEY_PREFIX):
+    def __init__(
+        self,
+        url: str,
+        keep: int = 256,
+        prefix: str = KEY_PREFIX,
+        times: EventTimes | None = None,
+        on_repair: RepairHook | None = None,
+    ):
         import redis.asyncio as aioredis
 
         self.url, self.keep, self.prefix = url, keep, prefix
+        self.times, self.on_repair = times, on_repair
         self.client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._append = self.client.register_script(_APPEND_LUA)
 
     def _ev(self, user_id: int) -> str:
         return f"{self.prefix}:ev:{user_id}"
+
+    def _bad_key(self, user_id: int) -> str:
+        return f"{self.prefix}:bad:{user_id}"
 
     def _enc_key(self, user_id: int) -> str:
         return f"{self.prefix}:enc:{user_id}"
 
     async def append(self, user_id: int, item_id: int, event_type: int, ts: int) -> int:
-        key = self._ev(user_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, f"{item_id}:{event_type}:{ts}")
-            pipe.ltrim(key, -self.keep, -1)
-            pipe.llen(key)
-            _, _, length = await pipe.execute()
-        return int(length)
+        entry = f"{item_id}:{event_type}:{ts}"
+        return int(await self._append(keys=[self._ev(user_id)], args=[self.keep, entry, ts]))
 
     async def recent(self, user_id: int, n: int) -> Events:
         if n <= 0:
             return Events.empty()
-        raw = await self.client.lrange(self._ev(user_id), -n, -1)
-        return Events.from_rows([tuple(int(x) for x in r.split(b":")) for r in raw])
+        h = read_history(await self.client.lrange(self._ev(user_id), -n, -1), self.times)
+        if h.needs_repair:
+            await self._repair(user_id)
+            _report(self.on_repair, user_id, h)
+        return h.events
+
+    async def _repair(self, user_id: int) -> None:
+        """Rewrite the whole list in order without its unreadable entries, which move to the
+        quarantine list; optimistic (WATCH): a concurrent append makes it retry once, then
+        leave the repair to the next read."""
+        import redis
+
+        key, bad_key = self._ev(user_id), self._bad_key(user_id)
+        for _ in range(2):
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    h = read_history(await pipe.lrange(key, 0, -1), self.times)
+                    e = h.events
+                    good = [
+                        f"{i}:{t}:{s}"
+                        for i, t, s in zip(
+                            e.item_ids.tolist(),
+                            e.event_types.tolist(),
+                            e.timestamps.tolist(),
+                            strict=True,
+                        )
+                    ]
+                    pipe.multi()
+                    pipe.delete(key)
+                    if good:
+                        pipe.rpush(key, *good)
+                    if h.unreadable or h.bad_time:
+                        pipe.rpush(bad_key, *(h.unreadable + h.bad_time))
+                        pipe.ltrim(bad_key, -self.keep, -1)
+                    await pipe.execute()
+                return
+            except redis.WatchError:
+                continue
+
+    async def quarantined(self, user_id: int) -> list:
+        return await self.client.lrange(self._bad_key(user_id), 0, -1)
 
     async def put_encoding(self, user_id: int, enc: Encoding) -> None:
         key = self._enc_key(user_id)
@@ -213,7 +396,17 @@ class RedisFeatureStore:
 
     async def get_encoding(self, user_id: int) -> Encoding | None:
         h = await self.client.hgetall(self._enc_key(user_id))
-        return encoding_from(h) if h else None
+        if not h:
+            return None
+        try:
+            return encoding_from(h)
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+            # json.JSONDecodeError is a ValueError; a bad shape fails numpy's reshape
+            await self.client.delete(self._enc_key(user_id))
+            logger.warning("feature store: user %s encoding unreadable, deleted", user_id)
+            if self.on_repair is not None:
+                self.on_repair(user_id, "encoding_unreadable", 1)
+            return None
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
@@ -225,11 +418,16 @@ class RedisFeatureStore:
 FeatureStore = MemoryFeatureStore | RedisFeatureStore
 
 
-def make_store(serve: ServeConfig, keep: int = 256) -> FeatureStore:
+def make_store(
+    serve: ServeConfig,
+    keep: int = 256,
+    times: EventTimes | None = None,
+    on_repair: RepairHook | None = None,
+) -> FeatureStore:
     """The configured backend (``serve.feature_store``)."""
     if serve.feature_store == "redis":
-        return RedisFeatureStore(serve.redis_url, keep=keep)
-    return MemoryFeatureStore(keep=keep)
+        return RedisFeatureStore(serve.redis_url, keep=keep, times=times, on_repair=on_repair)
+    return MemoryFeatureStore(keep=keep, times=times, on_repair=on_repair)
 
 
 def now_s() -> int:

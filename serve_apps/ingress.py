@@ -1,6 +1,7 @@
-"""One use-case's HTTP ingress: validation, feature store, cache, retrieval, rules, fallback.
+"""One use-case's ingress: validation, feature store, cache, retrieval, rules, fallback.
 
-Routes (under the use-case's route prefix, e.g. ``/ads``):
+Routes (under the use-case's route prefix, e.g. ``/ads``; the FastAPI app is
+serve_apps.api.build_api over an :class:`IngressCore`):
 
     POST /rank      rank candidates for a user            -> RankResponse
     POST /events    append a user's event to the store     -> EventAck
@@ -8,11 +9,16 @@ Routes (under the use-case's route prefix, e.g. ``/ads``):
     GET  /version   the served model (URI, digest, manifest, device)
     GET  /docs, /openapi.json
 
-A request flows: validate (4xx JSON naming the field) -> the user's recent events (feature
-store, truncated to the model's sequence length) -> result cache (TTL per use-case) ->
-candidates (request or retrieval) -> pre rules -> Ranker (deadline = the use-case's
-request_timeout_s) -> post rules + top_k. A ranker error or a missed deadline is answered by
-the fallback policy (``fallback`` field set, counted in ``unirank_fallbacks``).
+A request flows: body limit (before parsing) -> schema bounds (422 naming the field) ->
+use-case checks -> the user's recent events (feature store, truncated to the model's sequence
+length) -> result cache (TTL per use-case) -> candidates (request or retrieval) -> pre rules
+-> Ranker (deadline = the use-case's request_timeout_s) -> post rules + top_k. A ranker
+error, a non-finite score or a missed deadline is answered by the fallback policy
+(``fallback`` field set, counted in ``unirank_fallbacks``); never a score that is not finite.
+
+:class:`IngressCore` has no Serve in it: the deployment gives it a handle to the Ranker
+deployment (:class:`HandleRanker`); tests give it the ranker's in-process path
+(``serve_apps.ranker.InProcessRanker``).
 """
 
 import asyncio
@@ -20,79 +26,57 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_apps.api import RequestError, Unavailable, build_api
+from serve_apps.bounds import EventTimes
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
 from serve_apps.retrieval import RetrievalIndex
 from serve_apps.rows import CANDIDATE_COLUMNS, RankInput
 from serve_apps.rules import RuleContext, Slate, load_rules, sort_by_score, with_scores
-from serve_apps.schemas import (
-    ErrorBody,
-    Event,
-    EventAck,
-    Fallback,
-    RankRequest,
-    RankResponse,
-    ScoredItem,
-)
+from serve_apps.schemas import Event, EventAck, Fallback, RankRequest, RankResponse, ScoredItem
 from serve_apps.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
 BYTES_PER_CANDIDATE = 256  # generous JSON size of one candidate object
-BASE_BODY_BYTES = 64 * 1024
+# Everything but the candidates at their schema maxima: 10,000 excluded + 1,000 campaign ids +
+# 64 query tokens of up to 19 digits each, and the small fields.
+BASE_BODY_BYTES = 256 * 1024
+SMALL_BODY_BYTES = 4 * 1024  # /events and the GET routes
 CACHE_MAX_ENTRIES = 10_000
 STORE_TIMEOUT_S = 0.5
-
-api = FastAPI(
-    title="unirank ranking API",
-    description="One multi-task ranking model; one application per use-case.",
-    version="1",
-)
+ERROR_KEY = "__error__"  # serve_apps.ranker.ERROR_KEY (the ingress does not import torch)
 
 
-class RequestError(Exception):
-    """A 4xx answer naming the offending field."""
+class RankerClient(Protocol):
+    async def rank(self, inp: RankInput, timeout_s: float) -> dict[str, np.ndarray]: ...
 
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+    async def version(self) -> dict: ...
 
 
-def error_response(status: int, message: str, fields: list[dict], request_id: str | None = None):
-    body = ErrorBody(error=message, fields=fields, request_id=request_id)
-    return JSONResponse(status_code=status, content=body.model_dump())
+class HandleRanker:
+    """The Ranker deployment through its Serve handle."""
 
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
 
-_REPLICA_METRICS: list[ServingMetrics] = []  # this replica's, for the module-level handler
+    async def rank(self, inp: RankInput, timeout_s: float) -> dict[str, np.ndarray]:
+        response = self.handle.rank.remote(inp)
+        try:
+            return await asyncio.wait_for(_await(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
 
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    for m in _REPLICA_METRICS:
-        m.inc("unirank_errors", kind="validation")
-        m.inc("unirank_requests", status="422")
-    fields = []
-    for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        fields.append({"field": ".".join(loc) or "body", "message": e.get("msg", "invalid")})
-    return error_response(422, "invalid request", fields)
-
-
-@api.exception_handler(RequestError)
-async def _request_error(request: Request, exc: RequestError):
-    fields = [{"field": exc.field, "message": exc.message}] if exc.field else []
-    return error_response(exc.status, exc.message, fields)
+    async def version(self) -> dict:
+        return await self.handle.version.remote()
 
 
 class ResultCache:
@@ -121,9 +105,10 @@ class ResultCache:
 
 
 def cache_key(req: RankRequest, events: Events) -> str:
-    """The request minus its id, plus the user's newest event (new events bust the cache)."""
+    """The request minus its id, plus the user's exact history (new or backfilled events
+    bust the cache)."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, len(events), events.last_ts], sort_keys=True, default=str)
+    text = json.dumps([body, events.digest()], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -138,13 +123,9 @@ async def _await(response):
 
 
 class _RankerFailed(Exception):
-    pass
-
-
-class _Unavailable(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(detail or kind)
+        self.kind = kind
 
 
 def _items(slate: Slate) -> list[ScoredItem]:
@@ -165,53 +146,100 @@ def _items(slate: Slate) -> list[ScoredItem]:
     return out
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress(api)
-class UseCaseIngress:
-    def __init__(self, ranker: DeploymentHandle, args: dict):
-        s = AppSettings.from_args(args)
+def load_index(s: AppSettings) -> RetrievalIndex | None:
+    """The index the model was registered with (``<model dir>/retrieval.npz``, written by
+    ray_jobs.export) comes first, so candidates match the model's catalogue; the
+    ``retrieval_index`` arg serves models exported without one."""
+    from serve_apps.model_store import resolve_model_dir
+    from serve_apps.retrieval import INDEX_FILE, RetrievalError
+
+    inside = resolve_model_dir(s.model_uri, s.cfg) / INDEX_FILE
+    path = str(inside) if inside.is_file() or s.retrieval_index is None else s.retrieval_index
+    if s.retrieval_index is not None and path != s.retrieval_index:
+        logger.info(
+            "task_type=%s using the model's own %s, not retrieval_index=%s",
+            s.use_case.name,
+            inside,
+            s.retrieval_index,
+        )
+    try:
+        return RetrievalIndex.load(path)
+    except RetrievalError:
+        if s.use_case.retrieval != "request" or s.use_case.fallback == "popularity":
+            raise
+        return None  # request-supplied candidates, no fallback: the index is optional
+
+
+class IngressCore:
+    """One use-case's request handling, without Serve or HTTP."""
+
+    def __init__(self, s: AppSettings, ranker: RankerClient):
         self.settings = s
         self.uc = uc = s.use_case
+        self.name = uc.name
         self.ranker = ranker
         self.rules = load_rules(uc)
         self.metrics = ServingMetrics(uc.name)
-        _REPLICA_METRICS[:] = [self.metrics]
         seq = s.cfg.dataset.features.sequence
         self.max_seq_len = seq.max_len if seq is not None else 0
-        self.store = make_store(s.cfg.serve, keep=max(4 * self.max_seq_len, 64))
+        self.times = EventTimes.from_config(s.cfg)
+        self.store = make_store(
+            s.cfg.serve,
+            keep=max(4 * self.max_seq_len, 64),
+            times=self.times,
+            on_repair=self._repaired,
+        )
         self.cache = ResultCache(uc.cache_ttl_s)
         self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
-        self.index = self._load_index(s)
+        self.index = load_index(s)
         self.known_task_types = set(s.cfg.dataset.task_types)
         self._version: dict | None = None
 
-    @staticmethod
-    def _load_index(s: AppSettings) -> RetrievalIndex | None:
-        """The index the model was registered with (``<model dir>/retrieval.npz``, written by
-        ray_jobs.export) comes first, so candidates match the model's catalogue; the
-        ``retrieval_index`` arg serves models exported without one."""
-        from serve_apps.model_store import resolve_model_dir
-        from serve_apps.retrieval import INDEX_FILE, RetrievalError
+    def body_limit(self, route: str) -> int:
+        return self.max_body if route == "/rank" else SMALL_BODY_BYTES
 
-        inside = resolve_model_dir(s.model_uri, s.cfg) / INDEX_FILE
-        path = str(inside) if inside.is_file() or s.retrieval_index is None else s.retrieval_index
-        if s.retrieval_index is not None and path != s.retrieval_index:
-            logger.info(
-                "task_type=%s using the model's own %s, not retrieval_index=%s",
-                s.use_case.name,
-                inside,
-                s.retrieval_index,
+    def _repaired(self, user_id: int, reason: str, n: int) -> None:
+        self.metrics.inc("unirank_feature_store_repairs", float(n), reason=reason)
+
+    def record(
+        self,
+        route: str,
+        status: int,
+        rid: str,
+        ms: float,
+        kind: str | None,
+        message: str | None,
+    ) -> None:
+        """Count and log one HTTP response (serve_apps.api.Guard calls this for every one)."""
+        self.metrics.inc("unirank_requests", status=str(status), route=route)
+        if route == "/rank":
+            self.metrics.observe("unirank_request_latency_ms", ms)
+        if status >= 400:
+            kind = kind or f"http_{status}"
+            self.metrics.inc("unirank_errors", kind=kind, route=route)
+            log = logger.error if status >= 500 else logger.warning
+            log(
+                "task_type=%s route=%s request_id=%s status=%d kind=%s latency_ms=%.1f error=%s",
+                self.name,
+                route,
+                rid,
+                status,
+                kind,
+                ms,
+                (message or "")[:500],
             )
-        try:
-            return RetrievalIndex.load(path)
-        except RetrievalError:
-            if s.use_case.retrieval != "request" or s.use_case.fallback == "popularity":
-                raise
-            return None  # request-supplied candidates, no fallback: the index is optional
+        else:
+            logger.info(
+                "task_type=%s route=%s request_id=%s status=%d latency_ms=%.1f",
+                self.name,
+                route,
+                rid,
+                status,
+                ms,
+            )
 
     # ------------------------------------------------------------------ routes
 
-    @api.get("/healthz")
     async def healthz(self) -> dict:
         try:
             store_ok = await asyncio.wait_for(self.store.ping(), STORE_TIMEOUT_S)
@@ -225,71 +253,28 @@ class UseCaseIngress:
             "rules": self.rules.names,
         }
 
-    @api.get("/version")
     async def version(self) -> dict:
         if self._version is None:
-            self._version = await self.ranker.version.remote()
+            self._version = await asyncio.wait_for(
+                self.ranker.version(), self.settings.request_timeout_s + 5.0
+            )
         return {"use_case": self.uc.name, **self._version}
 
-    @api.post("/events", response_model=EventAck, responses={422: {"model": ErrorBody}})
-    async def events(self, event: Event, request: Request) -> EventAck:
-        self._check_size(request)
+    async def events(self, event: Event) -> EventAck:
         ts = event.timestamp if event.timestamp is not None else now_s()
-        n = await asyncio.wait_for(
-            self.store.append(event.user_id, event.item_id, event.event_type, ts),
-            STORE_TIMEOUT_S,
-        )
+        problem = self.times.problem(ts)
+        if problem is not None:
+            raise RequestError(422, problem, "timestamp")
+        try:
+            n = await asyncio.wait_for(
+                self.store.append(event.user_id, event.item_id, event.event_type, ts),
+                STORE_TIMEOUT_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - a 503 naming the store, not a 500
+            raise Unavailable("feature_store", f"feature store unavailable: {exc!r}"[:300]) from exc
         return EventAck(user_id=event.user_id, stored_events=n)
 
-    @api.post(
-        "/rank",
-        response_model=RankResponse,
-        responses={
-            413: {"model": ErrorBody},
-            422: {"model": ErrorBody},
-            503: {"model": ErrorBody},
-        },
-    )
-    async def rank(self, req: RankRequest, request: Request):
-        t0 = time.perf_counter()
-        rid = req.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
-        status = 200
-        try:
-            self._check_size(request)
-            resp = await self._rank(req, rid)
-            return resp
-        except RequestError as exc:
-            status = exc.status
-            self.metrics.inc("unirank_errors", kind="validation")
-            fields = [{"field": exc.field, "message": exc.message}] if exc.field else []
-            return error_response(exc.status, exc.message, fields, rid)
-        except _Unavailable as exc:
-            status = 503
-            self.metrics.inc("unirank_errors", kind=exc.reason)
-            return error_response(503, f"ranker unavailable ({exc.reason}), no fallback", [], rid)
-        except Exception as exc:  # noqa: BLE001 - a 500 with a JSON body, logged, counted
-            status = 500
-            self.metrics.inc("unirank_errors", kind="internal")
-            logger.exception("task_type=%s request_id=%s internal error", self.uc.name, rid)
-            return error_response(500, f"internal error: {type(exc).__name__}", [], rid)
-        finally:
-            ms = (time.perf_counter() - t0) * 1e3
-            self.metrics.inc("unirank_requests", status=str(status))
-            self.metrics.observe("unirank_request_latency_ms", ms)
-            logger.info(
-                "task_type=%s request_id=%s status=%d latency_ms=%.1f",
-                self.uc.name,
-                rid,
-                status,
-                ms,
-            )
-
     # ------------------------------------------------------------------ the request path
-
-    def _check_size(self, request: Request) -> None:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise RequestError(413, f"body is {size} bytes, limit {self.max_body}", "body")
 
     def _validate(self, req: RankRequest) -> None:
         uc = self.uc
@@ -327,7 +312,7 @@ class UseCaseIngress:
         try:
             return await asyncio.wait_for(self.store.get_encoding(user_id), STORE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - encode on the fly rather than fail
-            self.metrics.inc("unirank_errors", kind="feature_store")
+            self.metrics.inc("unirank_errors", kind="feature_store", route="/rank")
             logger.warning("task_type=%s feature store encoding read failed", self.uc.name)
             return None
 
@@ -337,7 +322,7 @@ class UseCaseIngress:
                 self.store.recent(user_id, self.max_seq_len), STORE_TIMEOUT_S
             )
         except Exception:  # noqa: BLE001 - rank without history rather than fail
-            self.metrics.inc("unirank_errors", kind="feature_store")
+            self.metrics.inc("unirank_errors", kind="feature_store", route="/rank")
             logger.warning("task_type=%s feature store read failed", self.uc.name)
             return Events.empty()
 
@@ -381,7 +366,7 @@ class UseCaseIngress:
                     feats[name] = col
         return feats
 
-    async def _rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
+    async def rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
         uc = self.uc
         self._validate(req)
         events, encoding = await asyncio.gather(
@@ -437,18 +422,20 @@ class UseCaseIngress:
                 probs = {k: v for k, v in out.items() if not k.startswith("__")}
                 slate = sort_by_score(with_scores(slate, out["__score__"], probs))
             except (TimeoutError, _RankerFailed) as exc:
-                reason = "timeout" if isinstance(exc, TimeoutError) else "model_error"
+                kind = "timeout" if isinstance(exc, TimeoutError) else exc.kind
+                reason = "timeout" if kind == "timeout" else "model_error"
                 if uc.fallback == "none":
-                    raise _Unavailable(reason) from None
+                    raise Unavailable(kind, f"ranker unavailable ({kind}), no fallback") from None
                 fallback = Fallback(policy=uc.fallback, reason=reason)
                 self.metrics.inc("unirank_fallbacks", reason=reason)
-                self.metrics.inc("unirank_errors", kind=reason)
+                self.metrics.inc("unirank_errors", kind=kind, route="/rank")
                 logger.warning(
-                    "task_type=%s request_id=%s fallback=%s reason=%s",
+                    "task_type=%s request_id=%s fallback=%s reason=%s kind=%s",
                     uc.name,
                     rid,
                     uc.fallback,
                     reason,
+                    kind,
                 )
                 order = np.argsort(-feats["popularity"], kind="stable")
                 slate = slate.take(order)
@@ -477,12 +464,37 @@ class UseCaseIngress:
             return ""
 
     async def _call_ranker(self, inp: RankInput) -> dict[str, np.ndarray]:
-        response = self.ranker.rank.remote(inp)
+        """The ranker's answer for this request; raises TimeoutError past the deadline and
+        _RankerFailed when it failed, refused the input or returned a non-finite value."""
         try:
-            return await asyncio.wait_for(_await(response), self.settings.request_timeout_s)
+            out = await self.ranker.rank(inp, self.settings.request_timeout_s)
         except TimeoutError:
-            response.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - any ranker failure means fallback
             logger.warning("task_type=%s ranker failed: %s", self.uc.name, exc)
-            raise _RankerFailed(str(exc)) from exc
+            raise _RankerFailed("model_error", str(exc)) from exc
+        if ERROR_KEY in out:
+            detail = str(out[ERROR_KEY])
+            raise _RankerFailed(detail.split(":")[0], detail)
+        if not all(
+            np.isfinite(np.asarray(v, dtype=np.float64)).all()
+            for k, v in out.items()
+            if not k.startswith("__") or k == "__score__"
+        ):
+            raise _RankerFailed("non_finite_score")
+        return out
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress()
+class UseCaseIngress:
+    """The Serve deployment: an IngressCore over the Ranker's handle; each replica serves
+    its own FastAPI app (``__serve_build_asgi_app__``, called after ``__init__``)."""
+
+    _load_index = staticmethod(load_index)
+
+    def __init__(self, ranker: DeploymentHandle, args: dict):
+        self.core = IngressCore(AppSettings.from_args(args), HandleRanker(ranker))
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.core)

@@ -1,5 +1,9 @@
 """Prometheus metrics of the serving path, all tagged with ``task_type``.
 
+Requests and errors also carry ``route`` (``/rank``, ``/events``, ``/version``, ``/healthz``,
+``other`` for unknown paths; ``ranker`` for the ranker's own errors), set explicitly so that
+the value is the same in and out of a Serve request context.
+
 Exported by Ray's metrics agent with the ``ray_`` prefix (``ray_unirank_requests_total``);
 Serve adds ``deployment``, ``replica``, ``application`` and ``route`` tags. The Grafana
 dashboard (monitoring/grafana/unirank-serving.json) and the alerting rules
@@ -7,6 +11,8 @@ dashboard (monitoring/grafana/unirank-serving.json) and the alerting rules
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from ray.serve import metrics
 
@@ -16,12 +22,21 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 # name -> (kind, description, extra tag keys); the monitoring test reads this table.
 METRICS = {
-    "unirank_requests": ("counter", "Ranking requests by HTTP status", ("status",)),
+    "unirank_requests": ("counter", "HTTP requests by route and status", ("status", "route")),
     "unirank_request_latency_ms": ("histogram", "Ingress latency of a ranking request", ()),
     "unirank_fallbacks": ("counter", "Responses served by the fallback policy", ("reason",)),
     "unirank_cache_hits": ("counter", "Ranking requests answered from the result cache", ()),
     "unirank_cache_misses": ("counter", "Ranking requests not in the result cache", ()),
-    "unirank_errors": ("counter", "Errors by kind (validation, model, timeout, ...)", ("kind",)),
+    "unirank_errors": (
+        "counter",
+        "Errors by kind (validation, body_too_large, model_error, timeout, ...) and route",
+        ("kind", "route"),
+    ),
+    "unirank_feature_store_repairs": (
+        "counter",
+        "Stored histories or encodings found unreadable or out of order, and repaired",
+        ("reason",),
+    ),
     "unirank_scores": ("histogram", "Ranking scores of returned items", ()),
     "unirank_candidates": ("histogram", "Candidates scored per request", ()),
     "unirank_model_batch_rows": ("histogram", "Rows per batched model call", ()),
@@ -46,6 +61,9 @@ class ServingMetrics:
 
     def __init__(self, task_type: str):
         self.task_type = task_type
+        # What this replica counted, by (name, sorted tags): readable in-process (tests,
+        # drills), independent of whether a metrics agent exports it.
+        self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         self._m = {}
         for name, (kind, desc, tags) in METRICS.items():
             keys = ("task_type", *tags)
@@ -60,6 +78,12 @@ class ServingMetrics:
 
     def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
         self._m[name].inc(value, tags=tags or None)
+        self.counts[(name, tuple(sorted(tags.items())))] += value
+
+    def count(self, name: str, **tags: str) -> float:
+        """How much ``name`` was incremented with (at least) these tags."""
+        want = set(tags.items())
+        return sum(v for (n, t), v in self.counts.items() if n == name and want <= set(t))
 
     def observe(self, name: str, value: float, **tags: str) -> None:
         self._m[name].observe(value, tags=tags or None)

@@ -10,6 +10,12 @@ with calibrated probabilities per task plus the use-case's ranking score
 
 Precision is the exported one (``manifest.json: precision``; fp16/bf16 for GPUs, fp32 —
 or bf16, which is slow on CPUs without bf16 units — on CPU).
+
+Isolation: each request is checked (serve_apps.bounds.check_rank_input) *before* it joins a
+batch, so a malformed one is refused alone; if a batched call still fails, every request of
+the batch is scored again on its own, so only the culprit fails; a request whose scores are
+not all finite is answered with ``__error__`` (the ingress serves its fallback, marked
+``model_error``) while the others of its batch are returned as scored.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ray import serve
 
 from model.config import ConfigError
 from model.export import load_predictor
+from serve_apps.bounds import EventTimes, InvalidRankInput, check_rank_input
 from serve_apps.deploy_config import RANKER_DEPLOYMENT
 from serve_apps.feature_store import Encoding, Events
 from serve_apps.metrics import ServingMetrics
@@ -34,6 +41,8 @@ from serve_apps.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
 PRECOMPUTED, ON_THE_FLY = "precomputed", "on_the_fly"  # unirank_user_encoding{source}
+ERROR_KEY = "__error__"  # in a result: why this request could not be scored
+ROUTE = "ranker"  # the route tag of the ranker's own metrics
 
 
 def pick_device(setting: str, num_gpus: float) -> str:
@@ -77,6 +86,7 @@ class ModelScorer:
                 f"(it has {sorted(tasks)})"
             )
         self.weights = dict(uc.score_weights)
+        self.times = EventTimes.from_config(s.cfg)
         self.version = model_version(self.path, s.model_uri or str(self.path))
         self.version["device"] = self.device
         self.version["cuda_graphs"] = self.predictor.cuda_graphs_reason or "on"
@@ -89,20 +99,36 @@ class ModelScorer:
 
     def score(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
         """Probabilities + ``__score__`` per input, and ``__encoding__`` /
-        ``__encoding_reason__``: whether its user encoding was precomputed or computed here."""
-        cols = to_columns(inputs)
+        ``__encoding_reason__``: whether its user encoding was precomputed or computed here.
+        An input with a non-finite probability or score gets ``__error__`` =
+        ``non_finite_score`` (its values must not be served)."""
         if self.predictor.supports_encoding:
             probs, sources = self._predict_encoded(inputs)
         else:  # an export from before the encode_user / forward_encoded split
-            probs = self.predictor.predict(cols)  # {task: (n,)} calibrated
+            probs = self.predictor.predict(to_columns(inputs))  # {task: (n,)} calibrated
             sources = [(ON_THE_FLY, "unsupported")] * len(inputs)
         probs = {t: np.asarray(v, dtype=np.float64) for t, v in probs.items()}
-        probs["__score__"] = ranking_score(probs, self.weights)
+        with np.errstate(invalid="ignore", over="ignore"):
+            probs["__score__"] = ranking_score(probs, self.weights)
         out = split(probs, [len(x) for x in inputs])
         for o, (source, reason) in zip(out, sources, strict=True):
+            if not all(np.isfinite(v).all() for v in o.values()):
+                o[ERROR_KEY] = np.asarray("non_finite_score")
             o["__encoding__"] = np.asarray(source)
             o["__encoding_reason__"] = np.asarray(reason)
         return out
+
+    def score_batch(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
+        """``score`` for a batch of requests, isolated: when the batched call raises, each
+        request is scored alone, and only those that fail alone get ``__error__``."""
+        try:
+            return self.score(inputs)
+        except Exception as exc:  # noqa: BLE001 - find the culprit, answer the others
+            if len(inputs) == 1:
+                logger.warning("ranker: a request failed to score: %r", exc)
+                return [{ERROR_KEY: np.asarray(f"model_error: {type(exc).__name__}")}]
+            logger.warning("ranker: a batch of %d failed (%r); scoring alone", len(inputs), exc)
+        return [self.score_batch([inp])[0] for inp in inputs]
 
     def encoding_problem(self, enc: Encoding) -> str | None:
         """Why this model cannot use a stored encoding, or None when it can."""
@@ -113,6 +139,11 @@ class ModelScorer:
         if v.ndim != 2 or v.shape[1] != spec.get("dim") or len(v) > spec.get("max_len", 0):
             return "malformed"
         if ts is None or len(ts) != len(v):
+            return "malformed"
+        ts = np.asarray(ts)
+        if ts.dtype != np.int64 or not self.times.valid(ts).all() or np.any(np.diff(ts) < 0):
+            return "malformed"
+        if not np.isfinite(v).all():
             return "malformed"
         return None
 
@@ -148,6 +179,35 @@ class ModelScorer:
         return self.predictor.predict_encoded(to_columns(rows), user_h, index), sources
 
 
+def refuse(inp: RankInput, times: EventTimes) -> dict[str, np.ndarray] | None:
+    """``{__error__: "invalid_input: ..."}`` for an input that must not join a batch."""
+    try:
+        check_rank_input(inp, times)
+    except InvalidRankInput as exc:
+        logger.warning("task_type=%s ranker refused a request: %s", inp.task_type, exc)
+        return {ERROR_KEY: np.asarray(f"invalid_input: {exc}")}
+    return None
+
+
+class InProcessRanker:
+    """The ranker's per-request path in this process, without Serve (unit tests, tools): the
+    same pre-batch check and isolated scoring as :class:`Ranker`, one request per call."""
+
+    def __init__(self, scorer: ModelScorer):
+        self.scorer = scorer
+
+    async def rank(self, inp: RankInput, timeout_s: float) -> dict[str, np.ndarray]:
+        refused = refuse(inp, self.scorer.times)
+        if refused is not None:
+            return refused
+        call = asyncio.to_thread(self.scorer.score_batch, [inp])
+        (out,) = await asyncio.wait_for(call, timeout_s)
+        return out
+
+    async def version(self) -> dict:
+        return dict(self.scorer.version)
+
+
 def user_sequences(inputs: list[RankInput]) -> dict[str, object]:
     """One row per input: its events and the request time (what ``encode`` needs)."""
     return {
@@ -181,6 +241,12 @@ class Ranker:
         )
 
     async def rank(self, inp: RankInput) -> dict[str, np.ndarray]:
+        """One request's probabilities and score, or ``__error__`` (never raises for a bad
+        input: it is refused here, before it can join and spoil a batch)."""
+        refused = refuse(inp, self.scorer.times)
+        if refused is not None:
+            self.metrics.inc("unirank_errors", kind="invalid_input", route=ROUTE)
+            return refused
         return await self.rank_batch(inp)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -193,9 +259,13 @@ class Ranker:
                 raise RuntimeError("injected model failure (Ranker.set_fault)")
         t0 = time.perf_counter()
         # The forward pass is CPU-bound: off the event loop, so health checks still answer.
-        out = await asyncio.to_thread(self.scorer.score, inputs)
+        out = await asyncio.to_thread(self.scorer.score_batch, inputs)
         self.metrics.observe("unirank_model_latency_ms", (time.perf_counter() - t0) * 1e3)
         for o in out:
+            if ERROR_KEY in o:
+                kind = str(o[ERROR_KEY]).split(":")[0]
+                self.metrics.inc("unirank_errors", kind=kind, route=ROUTE)
+                continue
             self.metrics.inc(
                 "unirank_user_encoding",
                 source=str(o["__encoding__"]),

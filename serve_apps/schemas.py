@@ -1,10 +1,37 @@
-"""The HTTP API's JSON bodies (strict: unknown fields and wrong types are 422s)."""
+"""The HTTP API's JSON bodies (strict: unknown fields and wrong types are 422s).
+
+Bounds, enforced here so that nothing out of range ever reaches the feature store or a
+batched model call (docs/serving.md, "Bounds"):
+
+- every id (user, item, category, advertiser, campaign, source item, query token, campaign
+  and excluded ids) is an int64 >= 0: the model hashes any of them into its tables, so every
+  int64 is usable; a larger or negative value is a 422 naming the field;
+- the context ids ``device`` / ``surface`` are int64 >= 0 too; a value the model has no row
+  for (>= the feature's ``vocab_size``) becomes the placeholder 0 in the model's feature path,
+  exactly as in training (``model.hashing.clip_vocab``); ``hour`` is 0..23;
+- every float is finite and fits float32 (NaN, Infinity, 1e309 or 1e39 are 422s; leave a
+  feature out or send null to mean "unknown"); ``advertiser_reliability`` is in [0, 1];
+- event timestamps are checked against ``prepare.min_event_time`` .. now + 1 day by the
+  ingress (the upper bound moves with the clock).
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
-ID = Field(ge=0, le=2**63 - 1)
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_FIELD_ERRORS = 20  # an error body lists at most this many fields (plus the total count)
+
+ID = Field(ge=0, le=INT64_MAX)
+OptId = Field(default=None, ge=0, le=INT64_MAX)
+IdItem = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+def _float(lo: float = -FLOAT32_MAX, hi: float = FLOAT32_MAX):
+    return Field(default=None, ge=lo, le=hi, allow_inf_nan=False)
 
 
 class _Strict(BaseModel):
@@ -15,17 +42,17 @@ class Candidate(_Strict):
     """A request-supplied candidate; missing features come from the item catalogue."""
 
     item_id: int = ID
-    category_id: int | None = Field(default=None, ge=0)
-    advertiser_id: int | None = Field(default=None, ge=0)
-    campaign_id: int | None = Field(default=None, ge=0)
-    price: float | None = None
-    advertiser_reliability: float | None = None
+    category_id: int | None = OptId
+    advertiser_id: int | None = OptId
+    campaign_id: int | None = OptId
+    price: float | None = _float()
+    advertiser_reliability: float | None = _float(0.0, 1.0)
 
 
 class Context(_Strict):
-    device: int = Field(default=0, ge=0)
+    device: int = Field(default=0, ge=0, le=INT64_MAX)  # >= vocab_size: placeholder 0
     hour: int | None = Field(default=None, ge=0, le=23)  # default: the current UTC hour
-    surface: int = Field(default=0, ge=0)
+    surface: int = Field(default=0, ge=0, le=INT64_MAX)  # >= vocab_size: placeholder 0
 
 
 class RankRequest(_Strict):
@@ -38,11 +65,11 @@ class RankRequest(_Strict):
     request_id: str | None = Field(default=None, max_length=128)
     task_type: str | None = Field(default=None, max_length=64)
     candidates: list[Candidate] | None = None
-    category_id: int | None = Field(default=None, ge=0)
-    source_item_id: int | None = Field(default=None, ge=0)
-    query_tokens: list[int] | None = Field(default=None, max_length=64)
-    campaign_ids: list[int] | None = Field(default=None, max_length=1000)
-    exclude_item_ids: list[int] = Field(default_factory=list, max_length=10_000)
+    category_id: int | None = OptId
+    source_item_id: int | None = OptId
+    query_tokens: list[IdItem] | None = Field(default=None, max_length=64)
+    campaign_ids: list[IdItem] | None = Field(default=None, max_length=1000)
+    exclude_item_ids: list[IdItem] = Field(default_factory=list, max_length=10_000)
     context: Context = Field(default_factory=Context)
     top_k: int | None = Field(default=None, ge=1, le=1000)
 
@@ -75,7 +102,8 @@ class Event(_Strict):
     user_id: int = ID
     item_id: int = ID
     event_type: int = Field(default=1, ge=0, le=255)  # model.schema.EVENT_TYPES
-    timestamp: int | None = Field(default=None, ge=0)  # unix seconds; default: now
+    # unix seconds, prepare.min_event_time .. now + 1 day (checked by the ingress); default now
+    timestamp: int | None = Field(default=None, ge=0, le=INT64_MAX)
 
 
 class EventAck(BaseModel):
@@ -89,6 +117,11 @@ class ErrorField(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """Every 4xx / 5xx body: a summary, the first ``MAX_FIELD_ERRORS`` field errors and how
+    many there were in all, and the request id (also in the logs and the X-Request-ID
+    header)."""
+
     error: str
     fields: list[ErrorField] = Field(default_factory=list)
+    error_count: int = 0
     request_id: str | None = None

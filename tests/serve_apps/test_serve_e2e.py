@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,10 +229,76 @@ def test_oversized_and_non_json_bodies(served):
     big = b'{"user_id": 1, "candidates": [' + b'{"item_id": 1},' * 40_000 + b'{"item_id": 2}]}'
     r = served.client.post(url, content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["fields"][0]["field"] == "body"
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+    def chunked():  # no Content-Length: the limit applies while the chunks arrive
+        yield big[:1000]
+        for i in range(1000, len(big), 4096):
+            yield big[i : i + 4096]
+
+    r = served.client.post(url, content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"], r.text
     r = served.client.post(url, content=b"not json", headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500 and r.json()["fields"]
     r = served.client.post(served.urls["ads"] + "/events", json={"user_id": 1})
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "item_id"
+
+
+def test_poisoned_and_good_requests_concurrently(served):
+    """Requests with out-of-range values (over HTTP, and straight to the ranker deployment as
+    a buggy client would send them) run at the same time as good ones: each bad one fails
+    alone with its field named, and every good one is scored exactly as when sent alone."""
+    from serve_apps.ranker import ERROR_KEY, warmup_input
+
+    url = served.urls["notifications"] + "/rank"  # fallback none: any failure is a 503
+    goods = [
+        {
+            "user_id": new_user(),
+            "candidates": [{"item_id": i + k} for i in (3, 6, 9, 12)],
+            "context": {"hour": 9},
+        }
+        for k in range(8)
+    ]
+    reference = [served.client.post(url, json=b).json() for b in goods]
+    big = 2**63
+    poisoned = [
+        (f'{{"user_id": 1, "candidates": [{{"item_id": 5, "category_id": {big}}}]}}', "candidates.0.category_id"),
+        ('{"user_id": 1, "candidates": [{"item_id": 5, "price": Infinity}]}', "candidates.0.price"),
+        ('{"user_id": 1, "candidates": [{"item_id": 5, "price": 1e39}]}', "candidates.0.price"),
+        ('{"user_id": 1, "candidates": [{"item_id": 5, "advertiser_reliability": NaN}]}', "candidates.0.advertiser_reliability"),
+        (f'{{"user_id": 1, "candidates": [{{"item_id": 5}}], "context": {{"device": {2**64}}}}}', "context.device"),
+        (f'{{"user_id": 1, "candidates": [{{"item_id": 5}}], "exclude_item_ids": [{big}]}}', "exclude_item_ids.0"),
+    ]  # fmt: skip
+    inf = warmup_input("notifications", 4)
+    inf.candidates["price"][0] = np.inf
+    overflow = warmup_input("notifications", 4)
+    overflow.device = 2**64
+
+    def good(b):
+        return httpx.post(url, json=b, timeout=30)
+
+    def bad(text):
+        return httpx.post(url, content=text, headers={"content-type": "application/json"})
+
+    handle = ranker("notifications")
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(3):
+            direct = [handle.rank.remote(x) for x in (inf, overflow)]
+            good_f = [pool.submit(good, b) for b in goods]
+            bad_f = [pool.submit(bad, text) for text, _ in poisoned]
+            for (_, field), f in zip(poisoned, bad_f, strict=True):
+                r = f.result()
+                assert r.status_code == 422, r.text
+                assert field in [e["field"] for e in r.json()["fields"]], r.text
+            for ref, f in zip(reference, good_f, strict=True):
+                r = f.result()
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["fallback"] is None
+                got = {i["item_id"]: i["score"] for i in out["items"]}
+                assert got == pytest.approx({i["item_id"]: i["score"] for i in ref["items"]})
+            for d in direct:
+                assert str(d.result()[ERROR_KEY]).startswith("invalid_input")
 
 
 # --------------------------------------------------------------------------- fallback

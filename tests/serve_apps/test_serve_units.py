@@ -14,6 +14,7 @@ import pytest
 
 from model.config import ConfigError, UseCaseConfig
 from model.export import load_predictor
+from serve_apps.bounds import EventTimes
 from serve_apps.feature_store import (
     Encoding,
     Events,
@@ -177,6 +178,119 @@ def test_memory_feature_store():
 @pytest.mark.integration
 def test_redis_feature_store(redis_url):
     _store_contract(RedisFeatureStore(redis_url, keep=8, prefix=f"t{uuid.uuid4().hex[:8]}"), 7)
+
+
+def _ordering_and_repair(store, user: int, inject) -> list[tuple[int, str, int]]:
+    """Backfills go into place; an unreadable or out-of-order stored history is repaired
+    (good events kept in order, bad entries quarantined) and reported, never dropped whole.
+    ``inject(user, raw_entries)`` writes entries as another writer / an older version would."""
+    now = int(time.time())
+
+    async def go():
+        for item, ts in [(1, now - 500), (3, now - 300), (2, now - 400), (0, now - 900)]:
+            await store.append(user, item, 1, ts)
+        await store.append(user, 4, 2, now - 300)  # same time as item 3: after it
+        ev = await store.recent(user, 10)
+        assert ev.item_ids.tolist() == [0, 1, 2, 3, 4]
+        assert ev.timestamps.tolist() == sorted(ev.timestamps.tolist())
+        assert ev.last_ts == now - 300 and ev.event_types.tolist() == [1, 1, 1, 1, 2]
+        assert len(await store.recent(user, 2)) == 2
+        # keep=8: three more events in between and a backfill older than all of them
+        for i in range(3):
+            await store.append(user, 10 + i, 1, now - 350 + i)
+        assert await store.append(user, 99, 1, now - 10_000) == 8  # trimmed at once
+        ev = await store.recent(user, 10)
+        assert 99 not in ev.item_ids.tolist() and len(ev) == 8
+        assert ev.timestamps.tolist() == sorted(ev.timestamps.tolist())
+
+        # a corrupted history: garbage, an id past int64, the year 5000, and disorder
+        bad_user = user + 1
+        inject(
+            bad_user,
+            [
+                (7, 1, now - 50),
+                (5, 1, now - 100),  # out of order
+                "garbage",
+                (2**64, 1, now - 40),
+                (6, 1, 95_649_033_600),
+                (8, 1, now - 20),
+            ],
+        )
+        ev = await store.recent(bad_user, 10)
+        assert ev.item_ids.tolist() == [5, 7, 8] and ev.last_ts == now - 20
+        again = await store.recent(bad_user, 10)  # repaired in the store: read clean
+        assert again.item_ids.tolist() == [5, 7, 8]
+        assert len(await store.quarantined(bad_user)) == 3
+        await store.append(bad_user, 9, 1, now - 60)
+        assert (await store.recent(bad_user, 10)).item_ids.tolist() == [5, 9, 7, 8]
+        await store.close()
+
+    reports: list = []
+    store.on_repair = lambda u, reason, n: reports.append((u, reason, n))
+    asyncio.run(go())
+    return reports
+
+
+def test_memory_store_keeps_time_order_and_repairs_histories():
+    store = MemoryFeatureStore(keep=8, times=EventTimes(0))
+
+    def inject(user, rows):
+        store._events[user] = list(rows)  # the in-process store's own list of entries
+
+    reports = _ordering_and_repair(store, 1, inject)
+    assert sorted(r[1:] for r in reports) == [
+        ("bad_timestamp", 1),
+        ("out_of_order", 1),
+        ("unreadable", 2),
+    ]
+
+
+@pytest.mark.integration
+def test_redis_store_keeps_time_order_and_repairs_histories(redis_url):
+    import redis
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisFeatureStore(redis_url, keep=8, prefix=prefix, times=EventTimes(0))
+    client = redis.Redis.from_url(redis_url)
+
+    def inject(user, rows):
+        raw = [":".join(map(str, r)) if isinstance(r, tuple) else r for r in rows]
+        client.rpush(f"{prefix}:ev:{user}", *raw)
+
+    reports = _ordering_and_repair(store, 11, inject)
+    assert sorted(r[1:] for r in reports) == [
+        ("bad_timestamp", 1),
+        ("out_of_order", 1),
+        ("unreadable", 2),
+    ]
+    bad = client.lrange(f"{prefix}:bad:12", 0, -1)  # quarantined, not lost
+    assert len(bad) == 3 and {b"garbage", b"6:1:95649033600"} <= set(bad)
+
+    # an unreadable encoding: reported, deleted (the batch job writes a new one), not fatal
+    client.hset(f"{prefix}:enc:13", mapping={"shape": "not json", "vector": b"xx"})
+    reports.clear()
+    store = RedisFeatureStore(
+        redis_url, keep=8, prefix=prefix, on_repair=lambda *a: reports.append(a)
+    )
+
+    async def read():
+        got = await store.get_encoding(13)
+        await store.close()
+        return got
+
+    assert asyncio.run(read()) is None
+    assert reports == [(13, "encoding_unreadable", 1)] and not client.exists(f"{prefix}:enc:13")
+    client.close()
+
+
+def test_cache_key_changes_when_a_backfill_changes_the_history():
+    from serve_apps.ingress import cache_key
+    from serve_apps.schemas import RankRequest
+
+    req = RankRequest(user_id=1, category_id=2)
+    a = Events.from_rows([(1, 1, 100), (2, 1, 300)])
+    b = Events.from_rows([(3, 1, 200), (2, 1, 300)])  # same length, same newest event
+    assert a.last_ts == b.last_ts and cache_key(req, a) != cache_key(req, b)
 
 
 def test_encoding_freshness():
