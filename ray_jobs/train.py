@@ -126,7 +126,7 @@ def read_split(
     fs, files = list_parquet(uris, cfg.storage)
     if validate:
         validate_files(files, cfg.dataset, filesystem=fs)
-    cols = needed_columns(cfg) + list(extra or [])
+    cols = list(dict.fromkeys(needed_columns(cfg) + list(extra or [])))  # unique, in order
     # Optional columns (e.g. the weight column) may be absent from a foreign parquet.
     import pyarrow.parquet as pq
 
