@@ -92,10 +92,8 @@ def route_of(scope: dict) -> str:
 
 def _request_id(scope: dict) -> str:
     for k, v in scope.get("headers", ()):
-        if k == b"x-request-id":
-            text = v.decode("latin-1")
-            if 0 < len(text) <= MAX_REQUEST_ID and text.isprintable():
-                return text
+        if k == b"x-request-id" and (text := _printable_id(v.decode("latin-1"))) is not None:
+            return text
     return uuid.uuid4().hex
 
 
@@ -206,9 +204,13 @@ def _validation_fields(exc: RequestValidationError) -> list[dict]:
     return fields
 
 
+def _printable_id(text: object) -> str | None:
+    ok = isinstance(text, str) and 0 < len(text) <= MAX_REQUEST_ID
+    return text if ok and text.isascii() and text.isprintable() else None
+
+
 def _body_request_id(body: Any) -> str | None:
-    rid = body.get("request_id") if isinstance(body, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_REQUEST_ID else None
+    return _printable_id(body.get("request_id") if isinstance(body, dict) else None)
 
 
 def build_api(core: IngressCore) -> FastAPI:

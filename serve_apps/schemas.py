@@ -62,7 +62,8 @@ class RankRequest(_Strict):
     optional). Request-supplied ``candidates`` replace retrieval for any use-case."""
 
     user_id: int = ID
-    request_id: str | None = Field(default=None, max_length=128)
+    # printable ASCII: it is echoed in logs and headers
+    request_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[ -~]+$")
     task_type: str | None = Field(default=None, max_length=64)
     candidates: list[Candidate] | None = None
     category_id: int | None = OptId

@@ -194,6 +194,9 @@ def test_every_error_is_json_with_a_request_id_and_counted(apps, exported):
     assert fields(r) == ["user_id"]
     r = post(apps, "ads", {"user_id": "seven"}, headers={"x-request-id": "hdr-9"})
     assert r.json()["request_id"] == "hdr-9"
+    r = post(apps, "ads", {"request_id": "a\nb", "user_id": 1}, headers={"x-request-id": "h\tx"})
+    assert r.status_code == 422 and fields(r) == ["request_id"]  # echoed in logs: printable
+    assert r.json()["request_id"] not in ("a\nb", "h\tx")
     r = post(apps, "ads", "not json")
     assert r.status_code == 422 and fields(r) == ["body"] and r.json()["request_id"]
     assert core.metrics.count("unirank_requests", status="422", route="/rank") >= 3
