@@ -226,6 +226,19 @@ def test_every_error_is_json_with_a_request_id_and_counted(apps, exported):
         r = c.post("/rank", json={"user_id": 1, "candidates": [{"item_id": 3}]})
         assert r.status_code == 503 and "no fallback" in r.json()["error"]  # fallback: none
 
+    # anything unforeseen (here a ranker of another version answering without a score) is a
+    # JSON 500 with the request id, logged and counted, not Starlette's plain-text page
+    class Garbled(Unreachable):
+        async def rank(self, inp, timeout_s):
+            return {"click": np.ones(len(inp))}
+
+    odd = IngressCore(settings(model_dir, cfg, "notifications"), Garbled())
+    with TestClient(build_api(odd), raise_server_exceptions=False) as c:
+        r = c.post("/rank", json={"user_id": 1, "candidates": [{"item_id": 3}]})
+        assert r.status_code == 500 and r.json()["error"] == "internal error: KeyError"
+        assert r.json()["request_id"]
+        assert odd.metrics.count("unirank_errors", kind="internal", route="/rank") == 1
+
 
 @pytest.mark.parametrize(
     "ts, ok",
