@@ -13,11 +13,15 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "monitoring" / "grafana" / "unirank-serving.json"
 SEL = 'task_type=~"$task_type"'
+RANK = SEL + ', route="/rank"'  # ranking requests (requests and errors are counted per route)
+# client mistakes (4xx) are not failures of the service; the ranker's own errors (route
+# "ranker") are counted again by the ingress on /rank when they cause a fallback
+SERVER_ERRORS = RANK + ', kind!~"validation|body_too_large|bad_request|disconnected|http_4.."'
 
 PANELS = [
     (
-        "Requests/s by status",
-        f"sum by (task_type, status) (rate(ray_unirank_requests_total{{{SEL}}}[1m]))",
+        "Requests/s by route and status",
+        f"sum by (task_type, route, status) (rate(ray_unirank_requests_total{{{SEL}}}[1m]))",
         "reqps",
     ),
     (
@@ -26,13 +30,18 @@ PANELS = [
         "ms",
     ),
     (
-        "Error rate",
-        f"sum by (task_type) (rate(ray_unirank_errors_total{{{SEL}}}[5m])) / clamp_min(sum by (task_type) (rate(ray_unirank_requests_total{{{SEL}}}[5m])), 1e-9)",
+        "Error rate (ranking, server side)",
+        f"sum by (task_type) (rate(ray_unirank_errors_total{{{SERVER_ERRORS}}}[5m])) / clamp_min(sum by (task_type) (rate(ray_unirank_requests_total{{{RANK}}}[5m])), 1e-9)",
         "percentunit",
     ),
     (
+        "Errors/s by route and kind",
+        f"sum by (task_type, route, kind) (rate(ray_unirank_errors_total{{{SEL}}}[5m]))",
+        "reqps",
+    ),
+    (
         "Fallback rate",
-        f"sum by (task_type, reason) (rate(ray_unirank_fallbacks_total{{{SEL}}}[5m])) / ignoring(reason) group_left sum by (task_type) (rate(ray_unirank_requests_total{{{SEL}}}[5m]))",
+        f"sum by (task_type, reason) (rate(ray_unirank_fallbacks_total{{{SEL}}}[5m])) / ignoring(reason) group_left sum by (task_type) (rate(ray_unirank_requests_total{{{RANK}}}[5m]))",
         "percentunit",
     ),
     (
@@ -46,6 +55,11 @@ PANELS = [
         "none",
     ),
     ("Score distribution", f"sum by (le) (rate(ray_unirank_scores_bucket{{{SEL}}}[5m]))", "none"),
+    (
+        "Feature-store repairs/s",
+        f"sum by (task_type, reason) (rate(ray_unirank_feature_store_repairs_total{{{SEL}}}[5m]))",
+        "reqps",
+    ),
     (
         "Model batch rows (p50)",
         f"histogram_quantile(0.5, sum by (le, task_type) (rate(ray_unirank_model_batch_rows_bucket{{{SEL}}}[5m])))",
