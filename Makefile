@@ -37,8 +37,20 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+## Every benchmark (BENCH_ARGS=--quick: seconds each; `make bench BENCH_ARGS=` for the full
+## sizes): each one's JSON line goes to out/bench/<name>.json, its output to out/bench/<name>.log;
+## a failure is reported and the rest still run; the target fails at the end if any did.
+BENCH_ARGS ?= --quick
 bench: venv
-	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+	@mkdir -p out/bench; failed=""; \
+	for b in benchmarks/[!_]*.py; do \
+	  n=$$(basename $$b .py); rm -f out/bench/$$n.json; echo "== $$n $(BENCH_ARGS)"; \
+	  BENCH_JSON=out/bench/$$n.json $(PY) $$b $(BENCH_ARGS) > out/bench/$$n.log 2>&1; rc=$$?; \
+	  if [ $$rc -eq 0 ] && [ -s out/bench/$$n.json ]; then cat out/bench/$$n.json; \
+	  else failed="$$failed $$n"; tail -n 20 out/bench/$$n.log; \
+	    echo "FAILED: $$n (exit $$rc; log: out/bench/$$n.log)"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks failed:$$failed"; exit 1; fi
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """How much of the generator's oracle checkout AUC the logs can support, per generator setting.
 
-    python benchmarks/generator_ceiling.py [--impressions N] [section.field=value ...]
+    python benchmarks/generator_ceiling.py [--quick] [--impressions N] [section.field=value ...]
 
 No model and no Ray: each variant generates N impressions in this process (numpy, the same
 code as ray_jobs.generate) and scores the ads rows' true checkouts with two predictors:
@@ -20,7 +20,6 @@ variant's share with the default world's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from benchmarks._util import emit  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.metrics import auc  # noqa: E402
 from ray_jobs.synthetic import World, generate_chunk, num_chunks  # noqa: E402
@@ -76,19 +76,26 @@ def ceiling(impressions: int, overrides: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--impressions", type=int, default=200_000)
+    p.add_argument("--quick", action="store_true", help="10k impressions instead of 200k")
+    p.add_argument("--impressions", type=int, default=None)
     p.add_argument("overrides", nargs="*", help="generate.* overrides for every variant")
     args = p.parse_args()
+    impressions = args.impressions or (10_000 if args.quick else 200_000)
     t0 = time.perf_counter()
-    out = {"benchmark": "generator_ceiling", "impressions": args.impressions, "variants": {}}
+    out = {
+        "benchmark": "generator_ceiling",
+        "quick": args.quick,
+        "impressions": impressions,
+        "variants": {},
+    }
     for name, variant in VARIANTS.items():
-        out["variants"][name] = ceiling(args.impressions, [*variant, *args.overrides])
+        out["variants"][name] = ceiling(impressions, [*variant, *args.overrides])
         out["variants"][name]["overrides"] = variant
     base = out["variants"]["default"]["reference_share"]
     for v in out["variants"].values():
         v["ratio_vs_default"] = round(v["reference_share"] / base, 4)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

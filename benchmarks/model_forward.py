@@ -16,7 +16,6 @@ On a CPU without bf16 units reduced precision is expected to be slower: it is a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._util import emit  # noqa: E402
 from model.config import UnirankConfig, load_config  # noqa: E402
 from model.ensemble import build_model  # noqa: E402
 from model.export import make_predictor, script_predictor  # noqa: E402
@@ -94,6 +94,24 @@ def timed(fns: dict, budget_s: float, min_rounds: int = 3, max_rounds: int = 200
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def field_inputs(model, inputs: tuple) -> tuple:
+    """``Batch.inputs()`` (forward's arguments) -> ``UnirankModel.fields``' arguments: the
+    sequence goes through ``encode_user`` first, one encoded row per example."""
+    sparse, multi, dense, seq_items, seq_types, seq_gaps, seq_mask, task_type = inputs
+    user_h = model.encode_user(seq_items, seq_types, seq_gaps, seq_mask)  # (B, L, D)
+    return sparse, multi, dense, user_h, None, seq_gaps, seq_mask, task_type
+
+
+def flat_input(model, fields: torch.Tensor) -> torch.Tensor:
+    """The flat (B, K*D [+ P]) input of the bottom MLP and backbones, as ``forward_encoded``
+    builds it (with the pairwise dot products when model.dot_interaction is on)."""
+    flat = fields.flatten(1)
+    if model.dot_interaction:
+        gram = torch.bmm(fields, fields.transpose(1, 2))  # (B, K, K)
+        flat = torch.cat([flat, gram[:, model.dot_left, model.dot_right]], 1)
+    return flat
+
+
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
     out = {}
     for name, child in model.named_children():
@@ -116,7 +134,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    budget = 0.25 if args.quick else 1.0  # seconds per variant per measurement
+    budget = 0.1 if args.quick else 1.0  # seconds per variant per measurement
     cfg = load_config(args.config)
     proc = FeatureProcessor(cfg.dataset)
     big = random_columns(cfg, max(BATCH_SIZES), seed=1)
@@ -154,10 +172,11 @@ def main() -> None:
         bs = 512
         batch = proc({k: v[:bs] for k, v in big.items()})
         inputs = batch.inputs()
-        fields = model.fields(*inputs)
-        flat = fields.flatten(1)
+        fields = model.fields(*field_inputs(model, inputs))
+        flat = flat_input(model, fields)
         fns = {
-            "fields_embeddings_and_sequence_ms": lambda: model.fields(*inputs),
+            "sequence_encoder_ms": lambda: model.encode_user(*inputs[3:7]),
+            "fields_embeddings_and_sequence_ms": lambda: model.fields(*field_inputs(model, inputs)),
             "bottom_ms": lambda: model.bottom(flat),
             "full_ensemble_ms": lambda: model(*inputs),
         }
@@ -170,22 +189,20 @@ def main() -> None:
             fns[f"model_with_only_{name}_ms"] = lambda m=alone: m(*inputs)
         pieces = {k: round(1e3 * v, 3) for k, v in timed(fns, budget / 2).items()}
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "model_forward",
-                "quick": args.quick,
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "backbones": cfg.model.backbones,
-                "fusion": cfg.model.fusion,
-                "experts": cfg.model.experts.kind,
-                "examples_per_s": throughput,
-                "cost_at_batch_512": pieces,
-                "params": param_counts(model),
-                "feature_processor_rows_per_s": proc_rate,
-            }
-        )
+    emit(
+        {
+            "benchmark": "model_forward",
+            "quick": args.quick,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "backbones": cfg.model.backbones,
+            "fusion": cfg.model.fusion,
+            "experts": cfg.model.experts.kind,
+            "examples_per_s": throughput,
+            "cost_at_batch_512": pieces,
+            "params": param_counts(model),
+            "feature_processor_rows_per_s": proc_rate,
+        }
     )
 
 

@@ -10,13 +10,20 @@ use-case and level, p50/p95/p99 latency, requests/s and candidates/s per ranker 
 same model's in-process batched forward throughput on identical inputs; their ratio (the
 serving overhead); and the autoscaling observed (ranker replicas up under load, down after),
 bounded in time.
+
+Identical on both sides of ``serving_vs_in_process_ratio``: the exported model directory, the
+requests' candidates and users (no feature-store events), the predictor's whole path
+(features, padding, TorchScript, calibration) at the use-case's ``max_batch_size``, one
+torch thread (a 0.4-CPU replica's share). Not identical: Serve adds HTTP, JSON, the ingress
+deployment's business rules and retrieval look-ups, request batching by time and the hops
+between replicas; the in-process side calls the predictor on ready-made batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +36,9 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE  # noqa: E402
 
+from benchmarks._util import emit, start_ray  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.export import load_predictor  # noqa: E402
 from serve_apps.deploy_config import RANKER_DEPLOYMENT, build_serve_config, load_use_cases  # noqa: E402
@@ -41,6 +50,14 @@ from serve_apps.run import bootstrap_model, deploy  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = 100
 USE_CASES = ("ads", "notifications")
+
+
+def serve_running() -> bool:
+    """Whether the connected cluster already runs Serve (its controller actor exists)."""
+    return any(
+        a["name"] == SERVE_CONTROLLER_NAME and a["namespace"] == SERVE_NAMESPACE
+        for a in ray.util.list_named_actors(all_namespaces=True)
+    )
 
 
 def ranker_replicas(app: str) -> int:
@@ -138,11 +155,15 @@ def in_process(model_dir: Path, name: str, reqs: list[dict], index, batch: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="16 requests at concurrency 1 and 4 (300 at 1, 4, 16), 10 s scale-down wait (60)",
+    )
     a = p.parse_args()
-    n_req = 60 if a.quick else 300
-    levels = [1, 4, 16]
-    down_wait = 30 if a.quick else 60
+    n_req = 16 if a.quick else 300
+    levels = [1, 4] if a.quick else [1, 4, 16]
+    down_wait = 10 if a.quick else 60
     rng = np.random.default_rng(0)
 
     work = Path(tempfile.mkdtemp(prefix="unirank-bench-"))
@@ -184,12 +205,23 @@ def main() -> None:
                     }
                 )
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    own = start_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not own and serve_running():
+        ray.shutdown()
+        raise SystemExit(
+            "serve_latency: Serve already runs on the cluster at RAY_ADDRESS; this benchmark "
+            "starts (and shuts down) its own Serve: stop that one or unset RAY_ADDRESS"
+        )
     try:
         t0 = time.perf_counter()
         urls = deploy(config)
         startup_s = time.perf_counter() - t0
-        out: dict = {"benchmark": "serve_latency", "quick": a.quick, "candidates": CANDIDATES}
+        out: dict = {
+            "benchmark": "serve_latency",
+            "quick": a.quick,
+            "ray_cluster": "own" if own else "joined",
+            "candidates": CANDIDATES,
+        }
         out["deploy_s"] = round(startup_s, 1)
         for name in USE_CASES:
             reqs = bodies(name, index, n_req, rng)
@@ -216,10 +248,11 @@ def main() -> None:
                     "bounded_wait_s": down_wait,
                 },
             }
-        print(json.dumps(out))
+        emit(out)
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
