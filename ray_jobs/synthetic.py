@@ -72,10 +72,29 @@ def _quantile_bins(x: np.ndarray, k: int) -> np.ndarray:
     return 1 + np.searchsorted(edges, x, side="right").astype(np.int64)
 
 
+BLOCK = 32_768  # rows per step of the world's per-item / per-user views (bounded memory)
+
+
 def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Index of the nearest centre of each row of x, (n, D) x (K, D) -> (n,)."""
-    d2 = (centers**2).sum(1)[None, :] - 2.0 * (x @ centers.T)  # |x|^2 is the same per row
-    return d2.argmin(1).astype(np.int64)
+    sq = (centers**2).sum(1)[None, :]  # |x|^2 is the same for every centre of a row
+    out = np.empty(len(x), dtype=np.int64)
+    for lo in range(0, len(x), BLOCK):
+        out[lo : lo + BLOCK] = (sq - 2.0 * (x[lo : lo + BLOCK] @ centers.T)).argmin(1)
+    return out
+
+
+def _title_words(rng, item_vec: np.ndarray, word_vec: np.ndarray, n_words: int) -> np.ndarray:
+    """(I, n_words) words per item: each the best of 16 random words for the item vector, by
+    dot product / 0.25 plus Gumbel noise (a soft argmax)."""
+    out = np.zeros((len(item_vec), n_words), dtype=np.int64)
+    for lo in range(0, len(item_vec), BLOCK):
+        vec = item_vec[lo : lo + BLOCK]
+        words = rng.integers(1, len(word_vec), size=(len(vec), n_words, 16))
+        score = np.einsum("id,iwkd->iwk", vec, word_vec[words]) / 0.25  # (B, W, 16)
+        best = (score + rng.gumbel(size=score.shape)).argmax(-1)
+        out[lo : lo + BLOCK] = np.take_along_axis(words, best[..., None], -1)[..., 0]
+    return out
 
 
 def _noisy(rng, values: np.ndarray, noise: float, k: int) -> np.ndarray:
@@ -180,13 +199,7 @@ class World:
         brand = 1 + _nearest(item_vec, brand_center)
         word_vec = rng.normal(size=(cfg.num_query_tokens + 1, d)) / np.sqrt(d) * 1.5
         word_vec = word_vec.astype(np.float32)
-        # Title words: each picks the best of 16 random words for the item vector (soft argmax).
-        words = rng.integers(
-            1, cfg.num_query_tokens + 1, size=(ni + 1, max(cfg.title_len - 1, 0), 16)
-        )
-        score = np.einsum("id,iwkd->iwk", item_vec, word_vec[words]) / 0.25
-        best = (score + rng.gumbel(size=score.shape)).argmax(-1)
-        title = np.take_along_axis(words, best[..., None], -1)[..., 0]
+        title = _title_words(rng, item_vec, word_vec, max(cfg.title_len - 1, 0))
         region = 1 + _nearest(user_vec, rng.normal(size=(cfg.num_regions, d)) / np.sqrt(d) * 1.5)
         age = _quantile_bins(user_vec @ _unit(rng.normal(size=d)), cfg.num_age_bands)
         # Cold start: new users and items arrive uniformly during the last cold_start_days.
