@@ -23,10 +23,13 @@ overrides) and scores prepare's output (all three splits) against ``truth/``:
     conversion label is unobserved (left out of the true rate) while its window is still open
     at the cut-off without a conversion, as prepare masks it. ``rel_error`` = prepared / true
     - 1.
+    ``rel_error_unflagged_advertisers`` is the same over the advertisers prepare did not flag
+    only, which leaves out the down-weighting of the flagged ones.
 ``lost_conversions``
     per conversion task: output rows that truly converted inside the window by the cut-off
     but carry label 0 (the goal is 0), and their total sample weight, which estimates how
-    many impressions of the unsampled population that is.
+    many impressions of the unsampled population that is; also the positives that did not
+    truly convert in the window (fabricated conversions prepare kept).
 ``ece``
     per task, the expected calibration error of the generator's true probability (p_<task>,
     the perfect model) against prepare's weighted labels: how far the labels a model is fit
@@ -37,7 +40,7 @@ overrides) and scores prepare's output (all three splits) against ``truth/``:
 Nothing here changes prepare; it only measures it. Prints one JSON line; the runs are named
 ``small`` (the first size) and ``large`` (the second, full mode only). ``--data ROOT`` scores
 an existing generate + prepare output instead (``ROOT/raw``, ``ROOT/prepared``, made with
-``--config`` and the overrides) as ``small``.
+``--config`` and the overrides) as ``small``, without starting Ray.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def true_labels(raw: str, cfg, cutoff: int, quarantined: set[str]) -> dict:
     as prepare would mask it), plus the true probabilities."""
     truth = _read(
         f"{raw}/truth/impressions",
-        ["impression_id", "task_type", *(f"p_{t}" for t in TASKS),
+        ["impression_id", "task_type", "advertiser_id", *(f"p_{t}" for t in TASKS),
          "true_add_to_cart", "true_checkout", "atc_delay_h", "checkout_delay_h"],
     )  # fmt: skip
     ids = truth["impression_id"].to_numpy()
@@ -140,7 +143,14 @@ def true_labels(raw: str, cfg, cutoff: int, quarantined: set[str]) -> dict:
         y[task] = np.where(is_ads, label, np.nan)
         in_window[task] = conv & is_ads
     p = {t: truth[f"p_{t}"].to_numpy().astype(float) for t in TASKS}
-    return {"ids": ids, "task_type": tt, "y": y, "p": p, "in_window": in_window}
+    return {
+        "ids": ids,
+        "task_type": tt,
+        "advertiser_id": truth["advertiser_id"].to_numpy(),
+        "y": y,
+        "p": p,
+        "in_window": in_window,
+    }
 
 
 def score(root: str, cfg, summary: dict) -> dict:
@@ -193,6 +203,10 @@ def score(root: str, cfg, summary: dict) -> dict:
         raise RuntimeError(f"{out}: {int((row < 0).sum())} prepared rows are not in the truth")
     w = prepared["sample_weight"].to_numpy().astype(float)
     ptt = np.asarray(prepared["task_type"].to_pylist(), dtype=object)
+    # rows of advertisers prepare did not flag, on both sides (separates the down-weighting
+    # of flagged advertisers from the other causes of a rate gap)
+    unflagged_truth = ~np.isin(truth["advertiser_id"], list(flagged))
+    unflagged = unflagged_truth[row]
 
     rates: dict = {}
     ece: dict = {}
@@ -208,12 +222,18 @@ def score(root: str, cfg, summary: dict) -> dict:
                 continue
             prep_rate = float((w[m] * y[m]).sum() / w[m].sum())
             true_rate = float(ty[t_obs].mean())
+            mu, tu = m & unflagged, t_obs & unflagged_truth
+            prep_u = float((w[mu] * y[mu]).sum() / w[mu].sum()) if w[mu].sum() > 0 else None
+            true_u = float(ty[tu].mean()) if tu.any() else None
             rates[f"{task}/{tt}"] = {
                 "prepared_rows": int(m.sum()),
                 "true_rows": int(t_obs.sum()),
                 "prepared_weighted_rate": round(prep_rate, 6),
                 "true_rate": round(true_rate, 6),
                 "rel_error": round(prep_rate / true_rate - 1, 4) if true_rate > 0 else None,
+                "rel_error_unflagged_advertisers": (
+                    round(prep_u / true_u - 1, 4) if prep_u is not None and true_u else None
+                ),
             }
         if obs.any():
             ece[task] = round(
@@ -221,10 +241,13 @@ def score(root: str, cfg, summary: dict) -> dict:
             )
         if task in CONVERSIONS:
             neg = obs & (y == 0.0) & truth["in_window"][task][row]
+            fake = obs & (y == 1.0) & ~truth["in_window"][task][row]
             lost[task] = {
                 "rows": int(neg.sum()),
                 "weight": round(float(w[neg].sum()), 1),
                 "in_window_conversions": int(truth["in_window"][task].sum()),
+                "positives_not_truly_converted": int(fake.sum()),
+                "positives_not_truly_converted_weight": round(float(w[fake].sum()), 1),
             }
     errors = [abs(r["rel_error"]) for r in rates.values() if r["rel_error"] is not None]
     return {
@@ -271,11 +294,12 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="section.field=value for generate and prepare")
     args = p.parse_args()
     sizes = args.sizes or ([10_000] if args.quick else [200_000, 1_000_000])
-    own = start_ray(num_cpus=2, object_store_memory=600 * 2**20)
+    # Scoring needs no Ray: only generate + prepare do.
+    own = None if args.data else start_ray(num_cpus=2, object_store_memory=600 * 2**20)
     out: dict = {
         "benchmark": "label_truth",
         "quick": args.quick,
-        "ray_cluster": "own" if own else "joined",
+        "ray_cluster": "none" if own is None else "own" if own else "joined",
         "overrides": args.overrides,
     }
     out["data"] = args.data or "generated"
