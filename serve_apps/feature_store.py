@@ -7,7 +7,8 @@ Two backends behind one async interface (``serve.feature_store``):
 - ``redis`` (``serve.redis_url``): one list per user (``unirank:ev:<user>``, oldest first,
   trimmed to the newest ``keep`` events) and one hash per user for the precomputed encoding
   (``unirank:enc:<user>``: vector, shape, event_ts, computed_at, last_event_ts, model; written
-  by ray_jobs.user_embeddings). Shared by every application and replica.
+  by ray_jobs.user_embeddings; the format is model.user_encoding). Shared by every application
+  and replica.
 
 Events are ``(item_id, event_type, timestamp_s)``, kept in timestamp order whatever order
 they arrive in: a backfilled event goes into its place (equal timestamps keep their arrival
@@ -25,7 +26,6 @@ An unreadable encoding is deleted (the batch job writes a new one) and reported 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -34,9 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.config import ServeConfig
+from model.user_encoding import (  # the stored-encoding format, shared with ray_jobs
+    KEY_PREFIX,
+    Encoding,
+    encoding_fields,
+    encoding_from,
+    write_encodings,  # noqa: F401 - re-exported: callers of the store's writer
+)
 from serve_apps.bounds import INT64_MAX, EventTimes
 
-KEY_PREFIX = "unirank"
 MAX_EVENT_TYPE = 255  # serve_apps.schemas.Event.event_type
 logger = logging.getLogger("ray.serve")
 RepairHook = Callable[[int, str, int], None]  # (user_id, reason, entries affected)
@@ -138,89 +144,6 @@ def _report(hook: RepairHook | None, user_id: int, h: History) -> None:
             logger.warning("feature store: user %s history repaired: %s x%d", user_id, reason, n)
             if hook is not None:
                 hook(user_id, reason, n)
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """A precomputed user-sequence encoding and when it was computed (unix seconds).
-
-    Written by ``ray_jobs.user_embeddings``: ``vector`` is the model's ``encode_user`` output
-    for the user's real events, (n, D) oldest first; ``event_ts`` (n,) their timestamps (the
-    ranker measures their age at request time for the recency bias); ``model`` the digest of
-    the export that computed it (model.export.model_digest): another model cannot use it.
-    """
-
-    vector: np.ndarray  # float32, the user encoder's output for this user
-    computed_at: float
-    last_event_ts: int  # newest event the encoding saw: newer events make it stale
-    event_ts: np.ndarray | None = None  # int64 (n,), timestamps of the encoded events
-    model: str = ""  # digest of the exported model that computed it
-
-    def usable(self, now: float, freshness_s: float, events: Events) -> bool:
-        """Fresh enough for a use-case and no event arrived after it was computed."""
-        return self.status(now, freshness_s, events) == "fresh"
-
-    def status(self, now: float, freshness_s: float, events: Events) -> str:
-        """``fresh``; ``stale`` (older than ``freshness_s``); ``outdated`` (the store has an
-        event newer than the newest one encoded)."""
-        if events.last_ts > self.last_event_ts:
-            return "outdated"
-        if now - self.computed_at > freshness_s:
-            return "stale"
-        return "fresh"
-
-
-def encoding_fields(enc: Encoding) -> dict[str, bytes | str]:
-    """The Redis hash of an encoding (``unirank:enc:<user>``); read by ``encoding_from``."""
-    ts = np.zeros(0, np.int64) if enc.event_ts is None else enc.event_ts
-    return {
-        "vector": np.asarray(enc.vector, dtype=np.float32).tobytes(),
-        "shape": json.dumps(list(np.shape(enc.vector))),
-        "computed_at": repr(float(enc.computed_at)),
-        "last_event_ts": str(int(enc.last_event_ts)),
-        "event_ts": np.asarray(ts, dtype=np.int64).tobytes(),
-        "model": enc.model,
-    }
-
-
-def encoding_from(h: dict[bytes, bytes]) -> Encoding:
-    shape = json.loads(h[b"shape"])
-    ts = h.get(b"event_ts")
-    return Encoding(
-        vector=np.frombuffer(h[b"vector"], dtype=np.float32).reshape(shape),
-        computed_at=float(h[b"computed_at"]),
-        last_event_ts=int(h[b"last_event_ts"]),
-        event_ts=None if ts is None else np.frombuffer(ts, dtype=np.int64),
-        model=h.get(b"model", b"").decode(),
-    )
-
-
-def write_encodings(
-    url: str,
-    encodings: list[tuple[int, Encoding]],
-    prefix: str = KEY_PREFIX,
-    ttl_s: float | None = None,
-) -> int:
-    """Write many encodings to Redis in one pipeline (the batch job's side, synchronous).
-
-    ``ttl_s``: the keys expire after it (None: never), so users who went inactive do not
-    keep their last encoding forever.
-    """
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=5.0)
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            for user_id, enc in encodings:
-                key = f"{prefix}:enc:{user_id}"
-                pipe.delete(key)  # no field of an older encoding survives
-                pipe.hset(key, mapping=encoding_fields(enc))
-                if ttl_s:
-                    pipe.expire(key, int(ttl_s))
-            pipe.execute()
-    finally:
-        client.close()
-    return len(encodings)
 
 
 class MemoryFeatureStore:
