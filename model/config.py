@@ -178,6 +178,31 @@ def default_tasks() -> list[TaskSpec]:
     ]
 
 
+class CatalogueSpec(_Strict):
+    """Which columns the candidate retrieval index (model.retrieval_index, built by
+    ray_jobs.export from the train split) is made of.
+
+    ``item_column``: the item id. ``item_features``: scalar columns that describe an item and
+    that serving fills in for retrieved candidates; the index keeps them per item and per
+    task_type, as training saw them. ``popularity_label``: the label column whose positives
+    rank items by popularity (default: the first task's label column). The task_type, time and
+    sequence columns come from ``features``. A column the dataset lacks leaves its part of the
+    index out, named in the index's metadata, instead of failing the export.
+    """
+
+    item_column: str = "item_id"
+    item_features: list[str] = Field(
+        default_factory=lambda: [
+            "category_id",
+            "advertiser_id",
+            "campaign_id",
+            "price",
+            "advertiser_reliability",
+        ]
+    )
+    popularity_label: str | None = None
+
+
 class DatasetConfig(_Strict):
     """A dataset: where its splits are and what its columns mean.
 
@@ -192,6 +217,7 @@ class DatasetConfig(_Strict):
     task_types: list[str] = Field(default_factory=lambda: list(TASK_TYPES_DEFAULT))
     features: FeatureSpec = Field(default_factory=default_feature_spec)
     tasks: list[TaskSpec] = Field(default_factory=default_tasks)
+    catalogue: CatalogueSpec = Field(default_factory=CatalogueSpec)
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> DatasetConfig:

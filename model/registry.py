@@ -12,6 +12,10 @@ artifacts are two directories:
 Serve calls ``load_predictor(download_serving_dir("models:/unirank@champion"))``. This module
 needs only the MLflow client (no Ray, no training code); ``mlflow.pyfunc.load_model`` on the
 same URI also works (``UnirankPyfunc``: DataFrame in, one probability column per task out).
+
+Any model URI (a local export or ``models:/...``) -> a local directory:
+``model.model_dir.resolve_model_dir`` (used by Serve and ray_jobs.user_embeddings). It lives in
+its own module because this one imports MLflow when loaded, which a local export never needs.
 """
 
 from __future__ import annotations

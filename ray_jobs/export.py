@@ -43,6 +43,7 @@ from model.registry import (
     download_serving_dir,
     model_uri_for,
 )
+from model.retrieval_index import INDEX_FILE, IndexColumns, RetrievalError, build_index
 from model.storage import list_parquet
 from ray_jobs import registry
 from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging
@@ -115,17 +116,32 @@ def input_example(cfg: UnirankConfig, columns: list[str], rows: int = 5) -> pd.D
 def add_retrieval_index(serving: Path, cfg: UnirankConfig) -> dict:
     """Build the candidate retrieval index from the training split (``dataset.train``) into
     the serving directory, so the registered model carries its catalogue: Serve loading the
-    model by alias finds ``retrieval.npz`` next to model.pt. Recorded in manifest.json."""
+    model by alias finds ``retrieval.npz`` next to model.pt. Recorded in manifest.json.
+
+    Its columns come from the dataset config (``dataset.catalogue``, ``dataset.features``);
+    parts the data has no columns for are left out and listed under ``skipped``. Data
+    without the item column gets no index: ``{"file": None, "skipped": reason}``, and the
+    export goes on (the model then serves request-supplied candidates only)."""
     import pyarrow.dataset as pads
 
-    from serve_apps.retrieval import INDEX_COLUMNS, INDEX_FILE, build_index
-
     fs, files = list_parquet(cfg.dataset.train, cfg.storage)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=INDEX_COLUMNS)
-    index = build_index(table, serving / INDEX_FILE)
+    data = pads.dataset(files, filesystem=fs, format="parquet")
+    source = list(cfg.dataset.train)
+    try:
+        index = build_index(data, serving / INDEX_FILE, IndexColumns.from_config(cfg.dataset))
+    except RetrievalError as exc:
+        log.warning("no retrieval index: %s", exc)
+        return {"file": None, "items": 0, "source": source, "skipped": str(exc)}
     manifest = json.loads((serving / MANIFEST_FILE).read_text())
     manifest["files"] = [*manifest["files"], INDEX_FILE]
-    info = {"file": INDEX_FILE, "items": len(index), "source": list(cfg.dataset.train)}
+    info = {
+        "file": INDEX_FILE,
+        "items": len(index),
+        "source": source,
+        "features": index.meta["features"],
+        "task_types": index.meta["task_types"],
+        "skipped": index.meta["skipped"],
+    }
     manifest["retrieval_index"] = info
     (serving / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return info

@@ -90,7 +90,7 @@ class UserEncoder:
     def __init__(self, cfg_json: dict, model_uri: str, computed_at: float, redis_url: str | None):
         from model.config import config_from_dict
         from model.export import load_predictor
-        from serve_apps.model_store import resolve_model_dir
+        from model.model_dir import resolve_model_dir
 
         cfg = config_from_dict(cfg_json, "user_embeddings job config")
         self.predictor = load_predictor(resolve_model_dir(model_uri, cfg), cuda_graphs=False)
@@ -105,7 +105,7 @@ class UserEncoder:
         self.length = self.predictor.user_encoding["max_len"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from serve_apps.feature_store import Encoding, write_encodings
+        from model.user_encoding import Encoding, write_encodings
 
         n = batch.num_rows
         if n == 0:

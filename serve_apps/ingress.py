@@ -344,7 +344,7 @@ class IngressCore:
     def _candidate_features(self, req: RankRequest, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Catalogue features, overridden by what the request supplies."""
         if self.index is not None:
-            feats = self.index.features(ids)
+            feats = self.index.features(ids, task_type=self.uc.name)  # as its training rows
         else:
             n = len(ids)
             feats = {k: np.zeros(n, np.int64) for k in CANDIDATE_COLUMNS[1:4]}

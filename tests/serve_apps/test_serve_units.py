@@ -136,15 +136,16 @@ def test_index_cli_and_errors(tmp_path, rows):
     assert len(RetrievalIndex.load(tmp_path / "ri.npz")) > 0
     with pytest.raises(RetrievalError, match="does not exist"):
         RetrievalIndex.load(tmp_path / "missing.npz")
-    with pytest.raises(RetrievalError, match="lacks columns"):
-        build_index(pa.table({"item_id": [1]}).to_batches() and [str(_one_col(tmp_path))])
+    # only the item column is indispensable: the error names it and the config field
+    with pytest.raises(RetrievalError, match=r"no item column 'item_id' \(dataset.catalogue"):
+        build_index([str(_one_col(tmp_path))])
 
 
 def _one_col(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"item_id": [1]}), path)
+    pq.write_table(pa.table({"user_id": [1]}), path)
     return path
 
 
