@@ -231,17 +231,19 @@ def _csr(keys: np.ndarray, values: np.ndarray, weights: np.ndarray, top: int):
     if keys.size == 0:
         z = np.zeros(0, np.int64)
         return z, np.zeros(1, np.int64), z, np.zeros(0, np.float32)
-    pair = np.stack([keys, values], 1)
-    uniq, inverse = np.unique(pair, axis=0, return_inverse=True)
-    w = np.bincount(inverse.ravel(), weights=weights, minlength=len(uniq))
-    order = np.lexsort((-w, uniq[:, 0]))  # by key, then weight desc
-    uniq, w = uniq[order], w[order]
-    ukeys, start, counts = np.unique(uniq[:, 0], return_index=True, return_counts=True)
-    keep = np.arange(len(uniq)) - np.repeat(start, counts) < top
-    uniq, w = uniq[keep], w[keep]
+    o = np.lexsort((values, keys))  # by key, then value (np.unique(axis=0) is ~50x slower)
+    k, v = keys[o], values[o]
+    starts = np.flatnonzero(np.r_[True, (k[1:] != k[:-1]) | (v[1:] != v[:-1])])
+    k, v = k[starts], v[starts]  # distinct pairs
+    w = np.add.reduceat(np.asarray(weights, np.float64)[o], starts)  # summed per pair
+    order = np.lexsort((-w, k))  # by key, then weight desc (ties: value asc)
+    k, v, w = k[order], v[order], w[order]
+    ukeys, start, counts = np.unique(k, return_index=True, return_counts=True)
+    keep = np.arange(len(k)) - np.repeat(start, counts) < top
+    v, w = v[keep], w[keep]
     kept = np.minimum(counts, top)
     indptr = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    return ukeys.astype(np.int64), indptr, uniq[:, 1].astype(np.int64), w.astype(np.float32)
+    return ukeys.astype(np.int64), indptr, v.astype(np.int64), w.astype(np.float32)
 
 
 def build_index(
