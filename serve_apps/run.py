@@ -2,7 +2,9 @@
 
 Generates the multi-application Serve config (serve_apps.deploy_config — the same config
 ``serve deploy`` and the KubeRay RayService use), starts Serve on ``serve.host:serve.port``,
-deploys one application per use-case, prints their URLs and blocks until Ctrl-C.
+deploys one application per use-case, prints their URLs and blocks until Ctrl-C or SIGTERM.
+A local Ray it starts has its dashboard on (127.0.0.1:``--dashboard-port``, default 8265):
+the Serve tab and ``serve status`` (docs/serving.md) need it.
 
 Without ``serve.model_uri`` (no trained model yet) an untrained model is exported under
 ``--workdir`` from synthetic rows, with its retrieval index next to it, so everything runs on a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -180,6 +183,10 @@ def demo(
             ray.shutdown()
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # the same clean shutdown as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve_apps.run", description=__doc__)
     p.add_argument("config", nargs="?", help="project config YAML (default: embedded defaults)")
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="out/serve", help="where a bootstrap model is exported")
     p.add_argument("--data", nargs="*", help="prepared parquet for the bootstrap model/index")
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard port of a local Ray")
     p.add_argument("--demo", action="store_true", help="answer a sample request each and exit")
     a = p.parse_args(argv)
     if a.config and "=" in a.config:  # only overrides given
@@ -206,7 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    ray.init(address=a.address, include_dashboard=False)
+    signal.signal(signal.SIGTERM, _stop)  # a background process ignores SIGINT
+    if a.address:
+        ray.init(address=a.address)
+    else:  # a local Ray, with the dashboard: the Serve tab, `serve status`
+        ctx = ray.init(
+            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=a.dashboard_port
+        )
+        if ctx.dashboard_url:
+            print(f"Ray dashboard: http://{ctx.dashboard_url} (Serve tab; `serve status`)")
     try:
         use_cases = fit_to_cluster(use_cases, free_cpus())
         serve_config = build_serve_config(cfg, use_cases, host=cfg.serve.host, model_uri=uri)
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping")
+        print("stopping", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
