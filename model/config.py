@@ -186,8 +186,10 @@ class CatalogueSpec(_Strict):
     that serving fills in for retrieved candidates; the index keeps them per item and per
     task_type, as training saw them. ``popularity_label``: the label column whose positives
     rank items by popularity (default: the first task's label column). The task_type, time and
-    sequence columns come from ``features``. A column the dataset lacks leaves its part of the
-    index out, named in the index's metadata, instead of failing the export.
+    sequence columns come from ``features``; clicked related-item pairs (``source_item_id``)
+    and the search index (``query_tokens``) use those unified columns when the data has them.
+    A column the dataset lacks leaves its part of the index out, named in the index's
+    metadata, instead of failing the export.
     """
 
     item_column: str = "item_id"
