@@ -156,20 +156,29 @@ def build(ml: MovieLensConfig) -> dict[str, pa.Table]:
         use_case,
     )
 
-    # Negatives: popularity-weighted items in the same context.
+    # Negatives: popularity-weighted items in the same context, among the movies already in
+    # the catalogue then (first rated at or before that time). Drawing from every movie would
+    # show movies nobody could rate yet as early negatives, a signal that flips in later
+    # splits (the release-year feature exposes it: newer year -> negative in train only).
     k = ml.negatives_per_positive
-    pop_items, pop_counts = np.unique(items, return_counts=True)
-    pop_p = pop_counts / pop_counts.sum()
-    neg_items = rng.choice(pop_items, size=(n, k), p=pop_p)
+    first_seen = pd.Series(ts).groupby(items).min()  # movieId -> first rating time
+    known = first_seen.sort_values(kind="stable").index.to_numpy()  # by first rating
+    known_t = first_seen.loc[known].to_numpy()
+    cum = np.cumsum(pd.Series(items).value_counts().loc[known].to_numpy(dtype=float))
+    avail = np.searchsorted(known_t, ts, side="right")  # (n,) >= 1: the rated movie itself
+    u = rng.random((n, k)) * cum[avail - 1][:, None]
+    neg_items = known[np.searchsorted(cum, u, side="right")]
     genre_of = np.array([rng.choice(movie_genres[m]) if movie_genres.get(m) else 0 for m in items])
-    by_genre: dict[int, np.ndarray] = {}
-    for m, gs in movie_genres.items():
-        for g in gs:
+    by_genre: dict[int, list] = {}
+    for m in known:  # in order of first rating
+        for g in movie_genres.get(m, []):
             by_genre.setdefault(g, []).append(m)
-    cat_rows = np.flatnonzero(use_case == "category")
-    for i in cat_rows:
-        pool = by_genre[genre_of[i]]
-        neg_items[i] = np.asarray(pool)[rng.integers(0, len(pool), size=k)]
+    genre_items = {g: np.asarray(ms) for g, ms in by_genre.items()}
+    genre_t = {g: first_seen.loc[ms].to_numpy() for g, ms in genre_items.items()}
+    for i in np.flatnonzero(use_case == "category"):
+        g = genre_of[i]
+        j = np.searchsorted(genre_t[g], ts[i], side="right")  # genre's movies known by then
+        neg_items[i] = genre_items[g][rng.integers(0, j, size=k)]
 
     # Rows: positives first block, then k negative blocks; all share context with their positive.
     base = np.tile(idx, k + 1)

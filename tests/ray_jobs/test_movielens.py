@@ -113,3 +113,18 @@ def test_year_bucket_parses_the_title():
     assert year_bucket("Stranger Things (2016-)") == 24
     assert year_bucket("Babylon 5") == 0
     assert year_bucket("Ancient (1850)") == 1  # clipped
+
+
+def test_no_movie_is_shown_before_anyone_rated_it(built):
+    """Negatives come from the catalogue as it was: a movie first rated later is never an
+    earlier negative (else 'not yet released' would be a label that flips between splits)."""
+    import pandas as pd
+
+    cfg, _, splits, _ = built
+    ratings = pd.read_csv(f"{cfg.movielens.source}/ratings.csv")
+    first = ratings.groupby("movieId").timestamp.min()
+    for name, table in splits.items():
+        t = table.select(["item_id", "event_time"]).to_pandas()
+        shown = t.event_time.astype("int64").to_numpy() // 10**6
+        # negatives are shown one second before the rated movie of their context
+        assert (first.loc[t.item_id].to_numpy() <= shown + 1).all(), name
