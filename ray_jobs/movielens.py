@@ -6,7 +6,7 @@ Data: GroupLens MovieLens "latest small" (see its README.txt for the terms: rese
 no endorsement, cite Harper & Konstan 2015, no commercial use without permission).
 
 Each rating is a positive impression of one use-case; negatives are sampled items shown in the
-same context (popularity-weighted, not rated by the user):
+same context (popularity-weighted, among the movies already rated by then):
     notifications  user -> item
     related_items  source item (the user's previous rating within related_window_s) -> item
     search         query tokens (words of the item's tags) -> item
