@@ -409,8 +409,11 @@ class ModelConfig(_Strict):
     tower_dims: list[int] = Field(default_factory=lambda: [32])
     # DLRM-style explicit interactions: the pairwise dot products of all field embeddings
     # (K*(K-1)/2 values) join the flat input of the bottom MLP, cross and MaskNet backbones.
-    # A dot product is hard for an MLP to learn; user . candidate affinity is one.
-    dot_interaction: bool = False
+    # A dot product is hard for an MLP to learn; user . candidate affinity, query . title and
+    # source item . candidate (shared tables) are. On by default: at 200k impressions over 3
+    # seeds it raised every task x task_type test AUC (objective 0.664 +- 0.004 -> 0.677 +-
+    # 0.005, docs/training.md "Model quality").
+    dot_interaction: bool = True
     dropout: float = Field(default=0.1, ge=0, lt=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

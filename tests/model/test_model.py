@@ -245,7 +245,7 @@ def test_dot_interaction_feeds_every_pairwise_field_dot_product(tiny_cfg, batch)
     torch.testing.assert_close(dots[:, 0], (fields[:, 0] * fields[:, 1]).sum(-1))
     torch.testing.assert_close(dots[:, -1], (fields[:, -2] * fields[:, -1]).sum(-1))
     # off: no extra inputs; on: it trains and exports like the rest
-    plain = build_model(tiny_cfg())
+    plain = build_model(tiny_cfg(dot_interaction=False))
     assert plain.bottom[0].in_features == k * d
     model.train()
     sum(v.sum() for v in model(*batch.inputs()).values()).backward()
