@@ -3,10 +3,13 @@
     python benchmarks/train_quality.py [--quick] [--skip-movielens]
 
 Synthetic ads: generate -> prepare -> train the multi-task ensemble -> evaluate with a
-single-task checkout baseline (same budget), next to two yardsticks scored against the same
-labels and weights (see ``checkout_references``): the generator's oracle (true P(checkout),
-which knows the users' hidden interests) and the sequence reference (the same formula with the
-interest estimated from the user's sequence, as a model with perfect item vectors could).
+single-task checkout baseline (same budget). Every task x task_type cell of the test split
+(``cells``) gets the model's AUC next to two yardsticks scored against the same labels and
+weights (see ``use_case_cells``): the log reference (``ray_jobs.reference``: the generator's
+formula fed from the logged columns, what a model with perfect item knowledge could score) and
+the generator's oracle (true probabilities, which read the users' hidden interests), and the
+model's share of the reference's lift, (AUC - 0.5) / (ref - 0.5). Quality is read within each
+use-case; the pooled click AUC is printed only to show how base-rate gaps inflate it.
 ``--impressions N`` sets the generated size. MovieLens: build -> train -> per use-case
 (task_type) AUC of click and engage. Prints one JSON line.
 """
@@ -14,7 +17,6 @@ interest estimated from the user's sequence, as a model with perfect item vector
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,14 +28,14 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
+from benchmarks._util import emit, start_ray  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.metrics import auc  # noqa: E402
 from ray_jobs import evaluate, train  # noqa: E402
-from ray_jobs.common import init_ray  # noqa: E402
 from ray_jobs.generate import generate  # noqa: E402
 from ray_jobs.movielens import write_movielens  # noqa: E402
 from ray_jobs.prepare import prepare  # noqa: E402
-from ray_jobs.synthetic import World  # noqa: E402
+from ray_jobs.reference import lift_share  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = [
@@ -46,34 +48,69 @@ MODEL = [
 ]
 
 
-def checkout_references(root: str, cfg) -> dict:
-    """Two yardsticks for the model's checkout AUC on the test rows that carry the label.
+def _round(x: float | None, digits: int) -> float | None:
+    """JSON-safe: None stays None (strict JSON has no NaN)."""
+    return None if x is None else round(x, digits)
 
-    oracle: the generator's true P(checkout) (truth/impressions.p_checkout, joined on
-    request_id = "r<impression_id>"). It knows every user's hidden interest vector, which no
-    column reveals, so no model can reach it.
-    sequence_reference: ``World.sequence_reference``, the same formula with the one hidden
-    input replaced by what the logs show: the user's interest is estimated as the mean true
-    vector of the items in their sequence (the candidate's, advertiser's and price effects stay
-    exact). A model that had learned every item's vector perfectly and pooled the sequence by
-    its mean scores this. benchmarks/generator_ceiling.py scores both without a model.
+
+def use_case_cells(root: str, cfg, report: dict) -> dict:
+    """Per task x task_type on the test split: the model's AUC (uncalibrated), the log
+    reference's (``ray_jobs.reference``, computed by ``ray_jobs.evaluate``), the oracle's and
+    the model's share of the reference's lift, all on the same rows, labels and weights.
+
+    oracle: the generator's true probability of each impression (truth/impressions.p_<task>,
+    joined on request_id = "r<impression_id>"). It reads every user's hidden interest, which no
+    column reveals, so no model can reach it; ``oracle_share`` = how much of the oracle's lift
+    the logs carry at all (reference vs oracle).
     """
     trained = evaluate.load_trained(cfg)
-    pred = evaluate.predict_split(trained.model, trained.processor, cfg, "test", with_ids=True)
-    j = list(trained.processor.layout.task_names).index("checkout")
-    m = pred["masks"][:, j]
-    labels, weight = pred["labels"][m, j], pred["weight"][m]
-    ids = pa.array([int(s[1:]) for s in pred["ids"][m]], type=pa.int64())
-    truth = pq.read_table(f"{root}/raw/truth/impressions", columns=["impression_id", "p_checkout"])
-    p_true = truth["p_checkout"].to_numpy()[pc.index_in(ids, truth["impression_id"]).to_numpy()]
-    oracle = auc(labels, p_true, weight)
+    proc = trained.processor
+    pred = evaluate.predict_split(trained.model, proc, cfg, "test", with_ids=True)
+    ids = pa.array([int(s[1:]) for s in pred["ids"]], type=pa.int64())
+    tasks = list(proc.layout.task_names)
+    truth = pq.read_table(
+        f"{root}/raw/truth/impressions", columns=["impression_id", *(f"p_{t}" for t in tasks)]
+    )
+    rows = pc.index_in(ids, truth["impression_id"]).to_numpy()
+    oracle = evaluate.split_metrics(
+        pred, proc, {t: truth[f"p_{t}"].to_numpy()[rows] for t in tasks}
+    )
+    cells = {}
+    for task, by_type in report["uncalibrated"].items():
+        for tt, m in by_type.items():
+            ref = report.get("reference", {}).get(task, {}).get(tt)
+            if tt == "pooled" or ref is None:
+                continue
+            o = oracle[task][tt]["auc"]
+            cells[f"{task}/{tt}"] = {
+                "rows": m["count"],
+                "auc": round(m["auc"], 4),
+                "reference_auc": round(ref["reference_auc"], 4),
+                "oracle_auc": round(o, 4),
+                "share_of_reference": _round(ref["share"], 3),
+                "oracle_share": _round(lift_share(ref["reference_auc"], o), 3),
+            }
+    return cells
 
-    cols = ["impression_id", "task_type", "item_id", "advertiser_id", "device", "hour", "price",
-            "seq_item_ids"]  # fmt: skip
-    raw = pq.read_table(f"{root}/raw/impressions", columns=cols)
-    raw = raw.take(pc.index_in(ids, raw["impression_id"]))
-    reference = auc(labels, World.build(cfg.generate).sequence_reference(raw), weight)
-    return {"oracle": oracle, "sequence_reference": reference, "rows": int(m.sum())}
+
+def unseen_items(cfg) -> dict:
+    """Per task, the model's AUC on test rows whose candidate item never occurs in the train
+    split (cold-start items: only content features and the context can rank them)."""
+    trained = evaluate.load_trained(cfg)
+    proc = trained.processor
+    pred = evaluate.predict_split(trained.model, proc, cfg, "test", with_ids=True)
+    seen = pq.read_table(cfg.dataset.train[0], columns=["item_id"])["item_id"]
+    test_items = pq.read_table(cfg.dataset.test[0], columns=["request_id", "item_id"])
+    order = pc.index_in(pa.array(pred["ids"]), test_items["request_id"]).to_numpy()
+    items = test_items["item_id"].to_numpy()[order]
+    cold = ~pc.is_in(pa.array(items), value_set=pc.unique(seen)).to_numpy(zero_copy_only=False)
+    out = {"rows": int(cold.sum())}
+    for j, task in enumerate(proc.layout.task_names):
+        m = pred["masks"][:, j] & cold
+        y, w = pred["labels"][m, j], pred["weight"][m]
+        if 0 < y.sum() < len(y):
+            out[task] = round(auc(y, pred["preds"][task][m], w), 4)
+    return out
 
 
 def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
@@ -99,19 +136,28 @@ def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
     prepare(cfg)
     result = train.run(cfg)
     report = evaluate.run(cfg, baselines=True)
-    refs = checkout_references(tmp, train.resolve_paths(cfg))
+    cells = use_case_cells(tmp, train.resolve_paths(cfg), report)
     b = report["baselines"]["checkout"]
+    shares = [
+        c["share_of_reference"] for c in cells.values() if c["share_of_reference"] is not None
+    ]
     return {
         "impressions": impressions,
         "epochs_run": result.epochs,
-        "checkout_test_rows": refs["rows"],
+        "objective": round(report["objective"], 4),
+        "min_share_of_reference": min(shares) if shares else None,
+        "cells": cells,
+        "unseen_items_auc": unseen_items(train.resolve_paths(cfg)),
+        "checkout_test_rows": cells["checkout/ads"]["rows"],
         "checkout_auc_mtl": round(b["mtl_auc"], 4),
         "checkout_auc_single_task": round(b["single_task_auc"], 4),
         "checkout_mtl_minus_single": round(b["delta"], 4),
         "checkout_delta_ci95": [round(v, 4) for v in b["ci95"]],
-        "checkout_auc_oracle": round(refs["oracle"], 4),
-        "checkout_auc_sequence_reference": round(refs["sequence_reference"], 4),
-        "click_auc_mtl": round(report["uncalibrated"]["click"]["pooled"]["auc"], 4),
+        "checkout_auc_oracle": cells["checkout/ads"]["oracle_auc"],
+        "checkout_auc_reference": cells["checkout/ads"]["reference_auc"],
+        "click_auc_pooled_not_an_objective": round(
+            report["uncalibrated"]["click"]["pooled"]["auc"], 4
+        ),
     }
 
 
@@ -145,21 +191,21 @@ def movielens(tmp: str, epochs: int, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument(
-        "--quick", action="store_true", help="50k impressions, 3 epochs; MovieLens 100 steps/epoch"
+        "--quick", action="store_true", help="20k impressions, 2 epochs; MovieLens 20 steps/epoch"
     )
     p.add_argument("--skip-movielens", action="store_true")
     p.add_argument("--impressions", type=int, help="generated impressions (default 200k)")
     args = p.parse_args()
-    impressions, epochs = (50_000, 3) if args.quick else (200_000, 6)
+    impressions, epochs = (20_000, 2) if args.quick else (200_000, 6)
     impressions = args.impressions or impressions
-    init_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=True)
-    out = {"benchmark": "train_quality"}
+    start_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=True)
+    out = {"benchmark": "train_quality", "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
         out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs)
         if not args.skip_movielens:
-            out["movielens"] = movielens(f"{tmp}/ml", epochs, 100 if args.quick else 400)
+            out["movielens"] = movielens(f"{tmp}/ml", epochs, 20 if args.quick else 400)
     ray.shutdown()
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":
