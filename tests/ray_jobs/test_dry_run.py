@@ -3,11 +3,13 @@ one, and Ray never started."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import ray
@@ -35,11 +37,25 @@ SPLITS = [
 ]
 
 
+@contextlib.contextmanager
+def no_ray():
+    """Any attempt to start or join Ray fails the test, even when the session's cluster is
+    already up in this process (then ``ray.is_initialized()`` alone would say nothing)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run started or joined Ray")
+
+    with (
+        mock.patch.object(ray, "is_initialized", return_value=False),
+        mock.patch.object(ray, "init", side_effect=refuse),
+    ):
+        yield
+
+
 def _dry_run(module: str, argv: list[str], capsys) -> tuple[int, dict | None, str]:
-    with pytest.raises(SystemExit) as exit_:
+    with no_ray(), pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main([*argv, "--dry-run"])
     out, err = capsys.readouterr()
-    assert not ray.is_initialized(), f"{module} --dry-run started Ray"
     lines = out.strip().splitlines()
     return exit_.value.code or 0, json.loads(lines[-1])["dry_run"] if lines else None, err
 
