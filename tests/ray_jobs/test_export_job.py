@@ -36,7 +36,9 @@ def test_register_champion_rule_load_by_alias_and_warm_start(
     first = export.run(cfg)
     name = cfg.mlflow.registered_model
     assert first["promoted"] and first["champion_before"] is None
-    assert first["objective"] > 0.55 and first["serving_artifact"] == "artifacts/serving"
+    # Within-use-case click AUC after 30 tiny steps is 0.52-0.56 (the pooled AUC this used to
+    # read was higher on base rates alone); that it beats an untrained model is checked below.
+    assert first["objective"] > 0.5 and first["serving_artifact"] == "artifacts/serving"
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(cfg.mlflow.tracking_uri)
