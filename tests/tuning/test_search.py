@@ -58,7 +58,10 @@ def test_search_runs_trials_and_asha_stops_the_weak_one(searched):
     assert strong.epochs == cfg.train.epochs
     assert weak.epochs < cfg.train.epochs and bool(weak.stopped_early)  # ASHA cut it
     assert strong.best_objective > weak.best_objective
-    assert {"val/click/auc", "val/checkout/auc"} <= set(table.columns)  # per-task metrics kept
+    # per task x task_type metrics kept, the pooled one labelled as such
+    assert {"val/click/ads/auc", "val/checkout/ads/auc", "val/click/pooled/auc"} <= set(
+        table.columns
+    )
     assert (Path(summary["results"]) / "objective_vs_loss_weights.png").exists()
     assert (Path(summary["results"]) / "objective_per_fusion.png").exists()
 
