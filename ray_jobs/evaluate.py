@@ -98,6 +98,8 @@ def predict_split(
     run_fn=None,
     batch_size: int = 4096,
     with_ids: bool = False,
+    score_table=None,
+    extra: list[str] | None = None,
 ) -> dict:
     """Stream a split through the feature path and the model (driver side).
 
@@ -105,16 +107,20 @@ def predict_split(
     weight (n,), group (n,) = ids of ``evaluate.group_by`` (for grouped AUC) when the dataset
     has that feature, and ids (n,) = request_id with ``with_ids``.
     ``run_fn(batch) -> {task: probs}`` replaces the eager model (e.g. an exported predictor's
-    ``run``).
+    ``run``); ``score_table(table) -> {task: probs}`` scores from the raw columns instead
+    (e.g. the log reference), with ``extra`` columns read besides the model's.
     """
-    ds = read_split(cfg, split, validate=False, extra=["request_id"] if with_ids else [])
+    extra = [*(extra or []), *(["request_id"] if with_ids else [])]
+    ds = read_split(cfg, split, validate=False, extra=extra)
     group_col = group_column(processor, cfg.evaluate.group_by)
     preds: dict[str, list] = {}
     keys = ("labels", "masks", "task_type", "weight", "ids", "group")
     parts: dict[str, list] = {k: [] for k in keys}
     for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         b = processor(table)
-        if run_fn is not None:
+        if score_table is not None:
+            out = score_table(table)
+        elif run_fn is not None:
             out = run_fn(b)
         else:
             with torch.inference_mode():
@@ -147,26 +153,13 @@ def reference_metrics(cfg: UnirankConfig, processor: FeatureProcessor, split: st
     from ray_jobs.synthetic import World
 
     world = World.build(cfg.generate)
-    ds = read_split(cfg, split, validate=False, extra=list(COLUMNS))
     names = processor.layout.task_names
-    preds: dict[str, list] = {t: [] for t in names}
-    parts: dict[str, list] = {k: [] for k in ("labels", "masks", "task_type", "weight", "group")}
-    group_col = group_column(processor, cfg.evaluate.group_by)
-    for table in ds.iter_batches(batch_size=8192, batch_format="pyarrow"):
-        b = processor(table)
+
+    def score(table) -> dict:
         ref = log_reference(world, table)
-        for t in names:
-            preds[t].append(ref.get(t, np.full(len(b), np.nan)))
-        parts["labels"].append(b.labels.numpy())
-        parts["masks"].append(b.label_mask.numpy())
-        parts["task_type"].append(b.task_type.numpy())
-        parts["weight"].append(b.weight.numpy())
-        if group_col is not None:
-            parts["group"].append(b.sparse[:, group_col].numpy())
-    pred = {
-        "preds": {t: np.concatenate(v) for t, v in preds.items()},
-        **{k: np.concatenate(v) for k, v in parts.items() if v},
-    }
+        return {t: ref.get(t, np.full(table.num_rows, np.nan)) for t in names}
+
+    pred = predict_split(None, processor, cfg, split, score_table=score, extra=list(COLUMNS))
     return split_metrics(pred, processor)
 
 

@@ -44,7 +44,14 @@ def test_report_per_task_and_task_type_with_a_single_task_baseline(
         for t in ("click", "checkout")
     ]
     assert report["objective"] == pytest.approx(np.mean(per_task))
+    # synthetic data: every cell next to the log reference and the model's share of its lift
+    ref = report["reference"]["click"]["ads"]
+    assert 0.55 < ref["reference_auc"] < 1
+    raw_auc = report["uncalibrated"]["click"]["ads"]["auc"]
+    assert ref["share"] == pytest.approx((raw_auc - 0.5) / (ref["reference_auc"] - 0.5))
+    assert set(report["reference"]["checkout"]) == {"ads"}
     table = evaluate.format_report(report)
+    assert "ref_auc  share" in table
     assert "click        ads" in table and "pooled across use-cases" in table
     corr = report["label_correlation"]
     assert corr["tasks"] == ["click", "add_to_cart", "checkout", "engage"]
