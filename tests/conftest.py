@@ -44,6 +44,25 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+@pytest.fixture
+def refuse_ray():
+    """Starting or joining Ray fails the test, even when the session's cluster is already up
+    in this process (then ``ray.is_initialized()`` alone would say nothing): for code paths
+    that must not touch Ray, such as every job's ``--dry-run``."""
+    from unittest import mock
+
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this code path started or joined Ray")
+
+    with (
+        mock.patch.object(ray, "is_initialized", return_value=False),
+        mock.patch.object(ray, "init", side_effect=refuse),
+    ):
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session: 2 CPUs, a small object store."""

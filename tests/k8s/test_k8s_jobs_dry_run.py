@@ -4,37 +4,20 @@ and output (no job starts without data) -- and an empty location fails before Ra
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import shlex
 from pathlib import Path
-from unittest import mock
 
 import pytest
-import ray
 import yaml
 
 from k8s.jobs import CONFIG_PATH, JOBS
 from k8s.render import render
 from k8s.settings import SETTINGS_DIR
 
-pytestmark = pytest.mark.unit
-
-
-@contextlib.contextmanager
-def no_ray():
-    """Any attempt to start or join Ray fails the test, even when the session's cluster is
-    already up in this process (then ``ray.is_initialized()`` alone would say nothing)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("--dry-run started or joined Ray")
-
-    with (
-        mock.patch.object(ray, "is_initialized", return_value=False),
-        mock.patch.object(ray, "init", side_effect=refuse),
-    ):
-        yield
+# Any attempt to start or join Ray during a test fails it (tests/conftest.py: refuse_ray).
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("refuse_ray")]
 
 
 def _docs(directory: Path) -> list[dict]:
@@ -54,7 +37,7 @@ def _dry_run(entrypoint: str, config: Path, env: dict, monkeypatch, capsys):
     assert argv[:2] == ["python", "-m"] and argv[3] == CONFIG_PATH, entrypoint
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    with no_ray(), pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_:
         importlib.import_module(argv[2]).main([str(config), *argv[4:], "--dry-run"])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()

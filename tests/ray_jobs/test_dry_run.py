@@ -3,20 +3,18 @@ one, and Ray never started."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
-import ray
 
 from ray_jobs import dry_run
 
-pytestmark = pytest.mark.unit
+# Any attempt to start or join Ray during a test fails it (tests/conftest.py: refuse_ray).
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("refuse_ray")]
 REPO = Path(__file__).resolve().parents[2]
 
 MODULES = {
@@ -37,23 +35,8 @@ SPLITS = [
 ]
 
 
-@contextlib.contextmanager
-def no_ray():
-    """Any attempt to start or join Ray fails the test, even when the session's cluster is
-    already up in this process (then ``ray.is_initialized()`` alone would say nothing)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("--dry-run started or joined Ray")
-
-    with (
-        mock.patch.object(ray, "is_initialized", return_value=False),
-        mock.patch.object(ray, "init", side_effect=refuse),
-    ):
-        yield
-
-
 def _dry_run(module: str, argv: list[str], capsys) -> tuple[int, dict | None, str]:
-    with no_ray(), pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main([*argv, "--dry-run"])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
