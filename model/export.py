@@ -193,11 +193,12 @@ class LoadedPredictor:
         self.module = torch.jit.load(str(path / MODEL_FILE), map_location=self.device).eval()
         self.shape_buckets = list(self.cfg.serve.shape_buckets)
         self.task_types = np.asarray(self.processor.layout.task_types, dtype=object)
-        # One captured graph per shape bucket, built on first use; None = plain module calls.
+        # On a GPU, one captured graph per entry point and input shapes, built on first use
+        # (warm_up builds them); a reason here = plain module calls.
         self.cuda_graphs_reason = (
             cuda_graphs_unavailable_reason(self.device) if cuda_graphs else "disabled by caller"
         )
-        self._graphs: dict[int, CudaGraphRunner] = {}
+        self._graphs: dict[tuple, CudaGraphRunner] = {}
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         # Exports older than the split (or without a sequence encoder) score raw sequences only.
         self.user_encoding: dict | None = manifest.get("user_encoding")
@@ -220,14 +221,12 @@ class LoadedPredictor:
         encoding of a real event is where the mask is True (left padding, newest last)."""
         self._require_encoding()
         batch = self.processor(columns)
-        with torch.inference_mode():
-            h = self.module.encode_user(
-                batch.seq_items.to(self.device),
-                batch.seq_types.to(self.device),
-                batch.seq_gaps.to(self.device),
-                batch.seq_mask.to(self.device),
-            )
-        return h.float().cpu().numpy(), batch.seq_mask.numpy()
+        u = len(batch)
+        # Users are padded to a power of two, so each bucket is one captured graph on a GPU.
+        padded = pad_batch(batch, user_bucket(u)).to(self.device)
+        args = (padded.seq_items, padded.seq_types, padded.seq_gaps, padded.seq_mask)
+        h = self._call("encode_user", args)  # (U_bucket, L, D)
+        return h[:u].float().cpu().numpy(), batch.seq_mask.numpy()
 
     def run_encoded(
         self, batch: Batch, user_h: np.ndarray, user_index: np.ndarray
@@ -251,17 +250,19 @@ class LoadedPredictor:
         padded = pad_batch(batch, size).to(self.device)
         index = torch.zeros(size, dtype=torch.int64)
         index[:n] = torch.from_numpy(user_index)
-        with torch.inference_mode():
-            out = self.module.forward_encoded(
-                padded.sparse,
-                padded.multi,
-                padded.dense,
-                torch.from_numpy(user_h).to(self.device),
-                index.to(self.device),
-                padded.seq_gaps,
-                padded.seq_mask,
-                padded.task_type,
-            )
+        users = torch.zeros((user_bucket(len(user_h)), *user_h.shape[1:]))  # (U_bucket, L, D)
+        users[: len(user_h)] = torch.from_numpy(user_h)
+        args = (
+            padded.sparse,
+            padded.multi,
+            padded.dense,
+            users.to(self.device),
+            index.to(self.device),
+            padded.seq_gaps,
+            padded.seq_mask,
+            padded.task_type,
+        )
+        out = self._call("forward_encoded", args)
         return {t: v[:n].float().cpu().numpy() for t, v in out.items()}
 
     def predict_encoded(
@@ -287,16 +288,21 @@ class LoadedPredictor:
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """Uncalibrated outputs for a Batch, padded to its shape bucket and cut back."""
         n = len(batch)
-        size = shape_bucket(n, self.shape_buckets)
-        padded = pad_batch(batch, size).to(self.device)
-        with torch.inference_mode():
-            if self.cuda_graphs_reason is None:
-                if size not in self._graphs:
-                    self._graphs[size] = CudaGraphRunner(self.module, padded)
-                out = self._graphs[size](*padded.inputs())
-            else:
-                out = self.module(*padded.inputs())
+        padded = pad_batch(batch, shape_bucket(n, self.shape_buckets)).to(self.device)
+        out = self._call("forward", padded.inputs())
         return {t: v[:n].float().cpu().numpy() for t, v in out.items()}
+
+    def _call(self, entry: str, args: tuple):
+        """``module.<entry>(*args)``; on a GPU through the CUDA Graph captured for exactly
+        these input shapes (callers pad to shape buckets, so there are a few per entry)."""
+        fn = getattr(self.module, entry)
+        with torch.inference_mode():
+            if self.cuda_graphs_reason is not None:
+                return fn(*args)
+            key = (entry, *input_shapes(args))
+            if key not in self._graphs:
+                self._graphs[key] = CudaGraphRunner(fn, args)
+            return self._graphs[key](*args)
 
     def predict(self, columns: Columns, allow_unknown_task_type: bool = False):
         """Calibrated probabilities per task for each row of ``columns``.
@@ -331,31 +337,48 @@ def cuda_graphs_unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-class CudaGraphRunner:
-    """Replays one captured forward for a fixed batch shape (serving pads to shape buckets).
+def user_bucket(u: int) -> int:
+    """Rows of user encodings in one call, padded to the next power of two (>= 1): a batch of
+    requests has 1..max_batch_size users, so a handful of shapes (and graphs) cover all."""
+    return 1 << max(u - 1, 0).bit_length()
 
-    Inputs are copied into static tensors, the graph is replayed, outputs are cloned. One
-    runner per shape bucket. Only constructed when a GPU is present.
+
+def input_shapes(args: tuple) -> tuple:
+    """The shapes and dtypes of (possibly dict-valued) inputs: what one graph is valid for."""
+    out: list = []
+    for a in args:
+        if isinstance(a, dict):
+            out.append(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(a.items())))
+        else:
+            out.append((tuple(a.shape), a.dtype))
+    return tuple(out)
+
+
+class CudaGraphRunner:
+    """Replays one captured call of ``fn`` for fixed input shapes (serving pads to buckets).
+
+    Inputs (tensors, or dicts of tensors) are copied into static tensors, the graph is
+    replayed, outputs (a tensor or a dict of tensors) are cloned. One runner per entry point
+    and shape. Only constructed when a GPU is present.
     """
 
-    def __init__(self, module: nn.Module, example: Batch, warmup: int = 3):
-        reason = cuda_graphs_unavailable_reason(example.sparse.device)
+    def __init__(self, fn, example: tuple, warmup: int = 3):
+        devices = [t.device for t in _tensors(example)]
+        reason = cuda_graphs_unavailable_reason(devices[0] if devices else "cpu")
         if reason:
             raise RuntimeError(reason)
-        self.module = module
-        self.static = example.inputs()
+        self.static = tuple(_clone(a) for a in example)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(warmup):  # allocator and cuDNN/cuBLAS autotuning before capture
-                module(*self.static)
+                fn(*self.static)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.static_out = module(*self.static)
-        self.batch_size = len(example)
+            self.static_out = fn(*self.static)
 
-    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
+    def __call__(self, *inputs):
         for dst, src in zip(self.static, inputs, strict=True):
             if isinstance(dst, dict):
                 for k in dst:
@@ -363,12 +386,23 @@ class CudaGraphRunner:
             else:
                 dst.copy_(src)
         self.graph.replay()
-        return {k: v.clone() for k, v in self.static_out.items()}
+        if isinstance(self.static_out, dict):
+            return {k: v.clone() for k, v in self.static_out.items()}
+        return self.static_out.clone()
+
+
+def _tensors(args: tuple) -> list[torch.Tensor]:
+    return [t for a in args for t in (a.values() if isinstance(a, dict) else [a])]
+
+
+def _clone(a):
+    return {k: v.clone() for k, v in a.items()} if isinstance(a, dict) else a.clone()
 
 
 def maybe_cuda_graphs(module: nn.Module, example: Batch) -> tuple[object, str | None]:
-    """(CudaGraphRunner, None) on a GPU; (module unchanged, reason) anywhere else."""
+    """(CudaGraphRunner over ``module.forward``, None) on a GPU; (module unchanged, reason)
+    anywhere else."""
     reason = cuda_graphs_unavailable_reason(example.sparse.device)
     if reason:
         return module, reason
-    return CudaGraphRunner(module, example), None
+    return CudaGraphRunner(module, example.inputs()), None

@@ -30,7 +30,7 @@ import torch
 from ray import serve
 
 from model.config import ConfigError
-from model.export import load_predictor
+from model.export import load_predictor, user_bucket
 from serve_apps.bounds import EventTimes, InvalidRankInput, check_rank_input
 from serve_apps.deploy_config import RANKER_DEPLOYMENT
 from serve_apps.feature_store import Encoding, Events
@@ -92,10 +92,18 @@ class ModelScorer:
         self.version["cuda_graphs"] = self.predictor.cuda_graphs_reason or "on"
 
     def warm_up(self, example: RankInput) -> None:
-        """One call per shape bucket, so no request pays for a first-call compilation."""
+        """One call per shape bucket, so no request pays for a first-call compilation; on
+        a GPU one per shape bucket x user bucket (1, 2, 4 .. max_batch_size requests), so
+        every CUDA Graph the served path can need is captured before traffic."""
+        max_users = self.settings.use_case.max_batch_size if self.device == "cuda" else 1
         for size in self.predictor.shape_buckets:
-            reps = -(-size // max(len(example), 1))
-            self.score([example] * reps)
+            rows = {k: np.resize(np.asarray(v), size) for k, v in example.candidates.items()}
+            for users in sorted({user_bucket(u) for u in range(1, min(size, max_users) + 1)}):
+                parts = [
+                    dataclasses.replace(example, candidates={k: v[i] for k, v in rows.items()})
+                    for i in np.array_split(np.arange(size), min(users, size))
+                ]
+                self.score(parts)
 
     def score(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
         """Probabilities + ``__score__`` per input, and ``__encoding__`` /

@@ -14,6 +14,7 @@ from model.export import (
     ENCODED_ENTRY_POINTS,
     MANIFEST_FILE,
     export,
+    input_shapes,
     load_predictor,
     script_predictor,
 )
@@ -118,3 +119,68 @@ def test_exports_without_the_entry_points_say_so(setup, tmp_path, tiny_cfg, exam
         export(tmp_path / "noseq", m, FeatureProcessor(no_seq.dataset).fit([examples]), no_seq)
     )
     assert p2.user_encoding is None and not p2.supports_encoding
+
+
+class ShapeRecorder:
+    """Stands in front of the TorchScript module and records, per entry point, the input
+    shapes of every call: what one CUDA Graph would have been captured for."""
+
+    def __init__(self, module):
+        self.module = module
+        self.calls: dict[str, list] = {}
+
+    def __getattr__(self, entry):
+        fn = getattr(self.module, entry)
+
+        def record(*args):
+            self.calls.setdefault(entry, []).append(input_shapes(args))
+            return fn(*args)
+
+        return record
+
+
+def test_served_path_calls_the_model_with_bucketed_shapes_only(setup, examples, tmp_path):
+    """CUDA Graphs replay fixed shapes: every encode_user / forward_encoded call of the
+    served path (users padded to a power of two, rows to a shape bucket) has one of a few
+    shapes, and the padding changes no score."""
+    cfg, proc, model = setup
+    p = load_predictor(export(tmp_path / "m", model, proc, cfg))
+    p.shape_buckets = [8, 16]
+    assert p.cuda_graphs_reason is not None  # CPU: the same calls, without graphs
+    p.module = ShapeRecorder(p.module)
+    for users, per_user in [((0,), (5,)), ((0, 1, 2), (2, 2, 3)), ((0, 1, 2, 3), (4, 1, 3, 2))]:
+        rows, index = shared_users(examples, users=users, per_user=per_user)
+        h, _ = p.encode(examples.take(list(users)))
+        assert h.shape[0] == len(users)  # cut back after padding
+        got = p.predict_encoded(rows, h, index)
+        want = p.predict(rows)
+        worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+        assert worst < 1e-5, (users, worst)
+    user_rows = [shape[0][0][0] for shape in p.module.calls["encode_user"]]
+    assert user_rows == [1, 4, 4]  # 1 user -> 1; 3 and 4 users -> 4
+    encoded = [(s[0][0][0], s[3][0][0]) for s in p.module.calls["forward_encoded"]]
+    assert encoded == [(8, 1), (8, 4), (16, 4)]  # (rows bucket, users bucket): 5, 7, 10 rows
+    # the full shapes (every input, dtypes included) differ only where the buckets do
+    assert len(set(p.module.calls["forward_encoded"])) == 3
+    assert len(set(p.module.calls["encode_user"])) == 2
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 1e-2), ("fp16", 2e-3)])
+def test_reduced_precision_served_path_matches_fp32(
+    setup, examples, tmp_path, precision, tolerance
+):
+    """The exported fp16 / bf16 model on the served path (encode_user + forward_encoded,
+    calibrated) against the fp32 export on the same rows. On this CPU both run (slowly);
+    on a GPU they are the production precisions."""
+    cfg, proc, model = setup
+    fp32 = load_predictor(export(tmp_path / "fp32", model, proc, cfg))
+    low = load_predictor(export(tmp_path / precision, model, proc, cfg, precision=precision))
+    users = (0, 1, 2, 3)
+    rows, index = shared_users(examples, users=users, per_user=(4, 1, 3, 2))
+    want = fp32.predict_encoded(rows, fp32.encode(examples.take(list(users)))[0], index)
+    h, _ = low.encode(examples.take(list(users)))
+    assert h.dtype == np.float32  # encodings are stored and passed as fp32 whatever the model
+    got = low.predict_encoded(rows, h, index)
+    for k in want:
+        assert np.isfinite(got[k]).all()
+        assert float(np.abs(got[k] - want[k]).max()) < tolerance, (precision, k)
