@@ -569,6 +569,17 @@ class UserEmbeddingsConfig(_Strict):
     ttl_s: float | None = Field(default=7 * 86400.0, gt=0)  # Redis key expiry; None = never
 
 
+def _check_weights(path: str, weights: dict[str, float], known, unknown_hint: str) -> None:
+    """Objective weights: known keys, finite weights >= 0, at least one > 0 (if any)."""
+    for key, w in weights.items():
+        if not known(key):
+            raise ValueError(f"{path}: {key!r} {unknown_hint}")
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{path}.{key}: expected a finite weight >= 0, got {w}")
+    if weights and not any(w > 0 for w in weights.values()):
+        raise ValueError(f"{path}: at least one weight must be > 0")
+
+
 class UnirankConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -587,28 +598,20 @@ class UnirankConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> UnirankConfig:
         task_names = {t.name for t in self.dataset.tasks}
-        for key, w in self.train.objective.items():
-            if task_names and key not in task_names:
-                raise ValueError(f"train.objective: task {key!r} is not in dataset.tasks")
-            if not (math.isfinite(w) and w >= 0):
-                raise ValueError(f"train.objective.{key}: expected a finite weight >= 0, got {w}")
-        if self.train.objective and not any(w > 0 for w in self.train.objective.values()):
-            raise ValueError("train.objective: at least one task needs a weight > 0")
+        _check_weights(
+            "train.objective",
+            self.train.objective,
+            lambda key: not task_names or key in task_names,
+            "is not in dataset.tasks",
+        )
         known = set(self.dataset.task_types) | {"unknown"}
-        for key, w in self.train.objective_task_types.items():
-            if key not in known:
-                raise ValueError(
-                    f"train.objective_task_types: {key!r} is not in dataset.task_types "
-                    f"{sorted(self.dataset.task_types)} (use 'unknown' for rows without one)"
-                )
-            if not (math.isfinite(w) and w >= 0):
-                raise ValueError(
-                    f"train.objective_task_types.{key}: expected a finite weight >= 0, got {w}"
-                )
-        if self.train.objective_task_types and not any(
-            w > 0 for w in self.train.objective_task_types.values()
-        ):
-            raise ValueError("train.objective_task_types: at least one weight must be > 0")
+        _check_weights(
+            "train.objective_task_types",
+            self.train.objective_task_types,
+            known.__contains__,
+            f"is not in dataset.task_types {sorted(self.dataset.task_types)} "
+            "(use 'unknown' for rows without one)",
+        )
         if "pooled" in self.dataset.task_types:
             raise ValueError("dataset.task_types: 'pooled' is reserved for all-rows metrics")
         seen = set()

@@ -94,7 +94,7 @@ def test_cross_field_checks():
         load_config(None, ["train.objective_task_types={sports: 1.0}"])
     with pytest.raises(ConfigError, match="objective.click: expected a finite weight >= 0"):
         load_config(None, ["train.objective={click: .nan}"])
-    with pytest.raises(ConfigError, match="at least one task needs a weight > 0"):
+    with pytest.raises(ConfigError, match="train.objective: at least one weight must be > 0"):
         load_config(None, ["train.objective={click: 0.0}"])
     with pytest.raises(ConfigError, match="objective_metric"):
         load_config(None, ["train.objective_metric=pooled_auc"])
