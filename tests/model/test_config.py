@@ -88,7 +88,7 @@ def test_bad_override_is_an_error():
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="share_with 'nope' is not a feature"):
         load_config(None, ["dataset.features.categorical.2.share_with=nope"])
-    with pytest.raises(ConfigError, match="objective: task 'revenue'"):
+    with pytest.raises(ConfigError, match="train.objective: 'revenue' is not in dataset.tasks"):
         load_config(None, ["train.objective={revenue: 1.0}"])
     with pytest.raises(ConfigError, match="objective_task_types: 'sports' is not in dataset"):
         load_config(None, ["train.objective_task_types={sports: 1.0}"])
