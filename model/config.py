@@ -508,6 +508,67 @@ class TuneConfig(_Strict):
     name: str = "unirank_search"
 
 
+EXPERIMENT_METRICS = ("ctr", "add_to_cart_rate", "checkout_rate", "engage_rate")
+
+
+class ArmConfig(_Strict):
+    """One arm of an online experiment: a model (a registry URI or version, e.g.
+    ``models:/unirank/7``; None = the use-case's ``serve.model_uri``) or the non-personalized
+    ``popularity`` policy (a holdout), and its share of users."""
+
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
+    share: float = Field(ge=0, le=1, allow_inf_nan=False)
+    policy: Literal["model", "popularity"] = "model"
+    model_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _policy(self) -> ArmConfig:
+        if self.policy == "popularity" and self.model_uri is not None:
+            raise ValueError(f"arm {self.name!r}: a popularity arm takes no model_uri")
+        return self
+
+
+class GuardrailConfig(_Strict):
+    """A metric the challenger must not harm: a significant drop (mSPRT at the experiment's
+    alpha) larger than ``max_drop`` (relative, 0 = any significant drop) stops the arm."""
+
+    metric: Literal[EXPERIMENT_METRICS]  # type: ignore[valid-type]
+    max_drop: float = Field(default=0.0, ge=0, le=1)
+
+
+class ExperimentConfig(_Strict):
+    """An online experiment of one use-case (serve_apps.experiments).
+
+    Users are assigned by a hash of (user_id, salt): the same user always gets the same arm,
+    a new salt reshuffles everyone. ``control`` is the arm the others are compared with."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    salt: str = Field(min_length=1, max_length=64)
+    arms: list[ArmConfig] = Field(min_length=2)
+    control: str = "champion"
+    primary_metric: Literal[EXPERIMENT_METRICS] = "ctr"  # type: ignore[valid-type]
+    guardrails: list[GuardrailConfig] = Field(default_factory=list)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    # mSPRT mixing sd, relative to the control arm's rate (tau = msprt_tau * control rate)
+    msprt_tau: float = Field(default=0.1, gt=0, le=10)
+    check_every: int = Field(default=1000, ge=10)  # exposures per sequential look
+    attribution_window_s: int = Field(default=86_400, ge=1, le=90 * 86_400)
+
+    @model_validator(mode="after")
+    def _arms(self) -> ExperimentConfig:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.id!r}: arm names repeat: {names}")
+        if self.control not in names:
+            raise ValueError(
+                f"experiment {self.id!r}: control {self.control!r} is not an arm {names}"
+            )
+        total = sum(a.share for a in self.arms)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"experiment {self.id!r}: arm shares sum to {total}, expected 1")
+        return self
+
+
 class UseCaseConfig(_Strict):
     """One serving use-case (task_type): its Serve deployment and business rules."""
 
@@ -533,6 +594,7 @@ class UseCaseConfig(_Strict):
     top_k: int = Field(default=20, ge=1)
     rules: list[str] = Field(default_factory=list)
     rules_module: str | None = None
+    experiment: ExperimentConfig | None = None
 
     @model_validator(mode="after")
     def _replicas(self) -> UseCaseConfig:
