@@ -615,6 +615,10 @@ class ServeConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     shape_buckets: list[int] = Field(default_factory=lambda: [16, 64, 128, 512])
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # Every ranked response (exposure) and posted event (outcome), model.exposure_log:
+    # redis = a stream per use-case that ray_jobs.flush_log moves to exposure_log_output.
+    exposure_log: Literal["memory", "redis", "off"] = "memory"
+    exposure_log_output: str = "out/exposure_log"
 
 
 class UserEmbeddingsConfig(_Strict):

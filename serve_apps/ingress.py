@@ -33,9 +33,11 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from model.exposure_log import Exposure, Outcome
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
+from serve_apps.exposures import make_exposure_log
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
 from serve_apps.retrieval import RetrievalIndex
@@ -192,6 +194,7 @@ class IngressCore:
         self.cache = ResultCache(uc.cache_ttl_s)
         self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
         self.index = load_index(s)
+        self.log = make_exposure_log(s.cfg.serve.exposure_log, s.cfg.serve.redis_url)
         self.known_task_types = set(s.cfg.dataset.task_types)
         self._version: dict | None = None
 
@@ -272,6 +275,15 @@ class IngressCore:
             )
         except Exception as exc:  # noqa: BLE001 - a 503 naming the store, not a 500
             raise Unavailable("feature_store", f"feature store unavailable: {exc!r}"[:300]) from exc
+        outcome = Outcome(
+            request_id=event.request_id,
+            ts=float(ts),
+            use_case=self.name,
+            user_id=event.user_id,
+            item_id=event.item_id,
+            event_type=event.event_type,
+        )
+        await self._log(outcome)
         return EventAck(user_id=event.user_id, stored_events=n)
 
     # ------------------------------------------------------------------ the request path
@@ -377,7 +389,9 @@ class IngressCore:
             hit = self.cache.get(key)
             if hit is not None:
                 self.metrics.inc("unirank_cache_hits")
-                return {**hit, "request_id": rid, "cached": True}
+                resp = {**hit, "request_id": rid, "cached": True}
+                await self._log(self._exposure(resp, req.user_id))
+                return resp
             self.metrics.inc("unirank_cache_misses")
 
         ids = _unique(self._retrieve(req))[: uc.max_candidates]
@@ -455,7 +469,32 @@ class IngressCore:
         ).model_dump()
         if fallback is None:
             self.cache.put(key, resp)
+        await self._log(self._exposure(resp, req.user_id))
         return resp
+
+    def _exposure(self, resp: dict[str, Any], user_id: int) -> Exposure:
+        items = resp["items"]
+        fallback = resp.get("fallback")
+        return Exposure(
+            request_id=resp["request_id"],
+            ts=time.time(),
+            use_case=self.name,
+            user_id=user_id,
+            model_version=resp["model_version"],
+            items=[int(i["item_id"]) for i in items],
+            scores=None if fallback else [float(i["score"]) for i in items],
+            fallback=fallback["reason"] if fallback else None,
+        )
+
+    async def _log(self, record: Exposure | Outcome) -> None:
+        """Append to the exposure log; a log that is down is counted, never fatal."""
+        if self.log is None:
+            return
+        try:
+            await asyncio.wait_for(self.log.append(record), STORE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - serving goes on without the log
+            self.metrics.inc("unirank_errors", kind="exposure_log", route=f"/{record.kind}")
+            logger.warning("task_type=%s exposure log write failed: %r", self.name, exc)
 
     async def _digest(self) -> str:
         try:

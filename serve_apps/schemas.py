@@ -28,6 +28,8 @@ MAX_FIELD_ERRORS = 20  # an error body lists at most this many fields (plus the 
 ID = Field(ge=0, le=INT64_MAX)
 OptId = Field(default=None, ge=0, le=INT64_MAX)
 IdItem = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# printable ASCII: it is echoed in logs and headers
+RequestId = Field(default=None, min_length=1, max_length=128, pattern=r"^[ -~]+$")
 
 
 def _float(lo: float = -FLOAT32_MAX, hi: float = FLOAT32_MAX):
@@ -62,8 +64,7 @@ class RankRequest(_Strict):
     optional). Request-supplied ``candidates`` replace retrieval for any use-case."""
 
     user_id: int = ID
-    # printable ASCII: it is echoed in logs and headers
-    request_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[ -~]+$")
+    request_id: str | None = RequestId
     task_type: str | None = Field(default=None, max_length=64)
     candidates: list[Candidate] | None = None
     category_id: int | None = OptId
@@ -101,6 +102,8 @@ class RankResponse(BaseModel):
 
 class Event(_Strict):
     user_id: int = ID
+    # the /rank response this event answers (its exposure in the log), when the client knows it
+    request_id: str | None = RequestId
     item_id: int = ID
     event_type: int = Field(default=1, ge=0, le=255)  # model.schema.EVENT_TYPES
     # unix seconds, prepare.min_event_time .. now + 1 day (checked by the ingress); default now
