@@ -5,9 +5,9 @@ Redis stream to parquet; ``serve_apps.experiments report`` joins outcomes to exp
 sides import this module, so neither imports the other.
 
 Redis: one stream per use-case, ``<prefix>:log:<use_case>``; each entry has one field ``r``,
-the record as JSON. The flush job remembers the last entry it wrote in
-``<prefix>:log:<use_case>:flushed`` and trims what it wrote, so the stream holds only what is
-not yet in parquet, and a serving replica that restarts loses nothing (the stream outlives it).
+the record as JSON. The flush job deletes exactly the entries it has written to parquet, so
+the stream holds only what is not yet in parquet, and a serving replica that restarts loses
+nothing (the stream outlives it).
 
 Records:
 
@@ -36,10 +36,6 @@ RECORD_FIELD = "r"
 
 def stream_key(use_case: str, prefix: str = KEY_PREFIX) -> str:
     return f"{prefix}:log:{use_case}"
-
-
-def flushed_key(use_case: str, prefix: str = KEY_PREFIX) -> str:
-    return f"{stream_key(use_case, prefix)}:flushed"
 
 
 @dataclass(frozen=True)

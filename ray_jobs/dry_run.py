@@ -99,6 +99,12 @@ def _tune(cfg, args):
     return inputs, outputs
 
 
+def _flush_log(cfg, args):
+    return {"serve.redis_url": cfg.serve.redis_url}, {
+        "serve.exposure_log_output": cfg.serve.exposure_log_output
+    }
+
+
 JOBS: dict[str, Declaration] = {
     "generate": _generate,
     "prepare": _prepare,
@@ -108,6 +114,7 @@ JOBS: dict[str, Declaration] = {
     "export": _export,
     "user_embeddings": _user_embeddings,
     "tune": _tune,
+    "flush_log": _flush_log,
 }
 # Jobs that resolve local paths to absolute ones first (ray_jobs.train.resolve_paths).
 RESOLVES_PATHS = {"train", "evaluate", "export", "tune"}

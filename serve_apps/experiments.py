@@ -1,4 +1,6 @@
-"""Online experiments: which arm serves a user.
+"""Online experiments: which arm serves a user, and what the arms did.
+
+    python -m serve_apps.experiments report [CONFIG] [key=value ...] [--log DIR] [--mlflow]
 
 A use-case's ``experiment`` (model.config.ExperimentConfig) splits its users between arms:
 the champion, challengers (other model versions) and a holdout (a non-personalized policy).
@@ -9,11 +11,23 @@ reshuffles everyone. Statistics: serve_apps.experiment_stats.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import math
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy.stats import norm
 
-from model.config import ArmConfig, ExperimentConfig
+from model.config import ArmConfig, ConfigError, ExperimentConfig, UnirankConfig, load_config
+from model.exposure_log import EXPOSURE_SCHEMA, OUTCOME_SCHEMA
+from model.storage import exists, list_parquet
+from serve_apps.deploy_config import load_use_cases
+from serve_apps.experiment_stats import compare, msprt_pvalues, ratio
 
 HASH_SPACE = 2**64
 
@@ -32,3 +46,268 @@ def assign_arm(user_id: int, exp: ExperimentConfig) -> ArmConfig:
     live = [i for i, a in enumerate(exp.arms) if a.share > 0]
     # float rounding can leave the last edge a hair under 1: that slice goes to the last arm
     return exp.arms[at if at < len(exp.arms) else live[-1]]
+
+
+# --------------------------------------------------------------------------- analysis
+
+METRIC_EVENTS = {"ctr": 1, "add_to_cart_rate": 2, "checkout_rate": 3, "engage_rate": 4}
+
+
+def read_log(root: str, use_case: str, storage=None) -> tuple[pa.Table, pa.Table]:
+    """The flushed log of one use-case (ray_jobs.flush_log): (exposures, outcomes), each
+    stream entry once (a flush that died before deleting its entries wrote them twice)."""
+    tables = []
+    for kind, schema in (("exposures", EXPOSURE_SCHEMA), ("outcomes", OUTCOME_SCHEMA)):
+        uri = f"{root.rstrip('/')}/{use_case}/{kind}"
+        if not exists(uri, storage):
+            tables.append(schema.empty_table())
+            continue
+        fs, files = list_parquet([uri], storage)
+        t = pa.concat_tables([pq.read_table(f, filesystem=fs, schema=schema) for f in files])
+        _, first = np.unique(
+            t.column("stream_id").to_numpy(zero_copy_only=False), return_index=True
+        )
+        tables.append(t.take(np.sort(first)))
+    return tables[0], tables[1]
+
+
+@dataclass
+class _Joined:
+    """The experiment's exposures, sorted by time, and per metric the (exposure, time) of
+    every attributed event (one per item: its first event within the window)."""
+
+    ts: np.ndarray  # (E,)
+    user: np.ndarray  # (E,) index into the experiment's users
+    arm: np.ndarray  # (E,) object
+    events: dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (exposure index, time)
+
+
+def join(exposures: pa.Table, outcomes: pa.Table, exp: ExperimentConfig) -> _Joined:
+    """Outcomes joined to the experiment's exposures by request_id and item, counted when
+    they arrive within ``attribution_window_s`` after the exposure."""
+    e = exposures.filter(pc.equal(exposures.column("experiment"), exp.id))
+    e = e.take(pc.sort_indices(e, [("ts", "ascending")]))
+    ts = e.column("ts").to_numpy()
+    where = {r: i for i, r in enumerate(e.column("request_id").to_pylist())}
+    items = [set(x) for x in e.column("items").to_pylist()]
+    first: dict[tuple[str, int, int], float] = {}  # (metric, exposure, item) -> first time
+    by_type = {v: m for m, v in METRIC_EVENTS.items()}
+    o = outcomes.to_pydict()
+    for r, t, item, kind in zip(
+        o["request_id"], o["ts"], o["item_id"], o["event_type"], strict=True
+    ):
+        i, metric = where.get(r), by_type.get(kind)
+        if i is None or metric is None or item not in items[i]:
+            continue
+        if 0 <= t - ts[i] <= exp.attribution_window_s:
+            key = (metric, i, item)
+            first[key] = min(first.get(key, t), t)
+    events = {}
+    for m in METRIC_EVENTS:
+        pairs = [(i, t) for (metric, i, _), t in first.items() if metric == m]
+        idx = np.asarray([i for i, _ in pairs], dtype=np.int64)
+        events[m] = (idx, np.asarray([t for _, t in pairs], dtype=np.float64))
+    _, user = np.unique(e.column("user_id").to_numpy(), return_inverse=True)
+    return _Joined(ts, user, np.asarray(e.column("arm").to_pylist(), dtype=object), events)
+
+
+def _per_user(j: _Joined, metric: str, arm: str, upto: float) -> tuple[np.ndarray, np.ndarray]:
+    """(events, exposures) per user of ``arm``, as known at time ``upto``."""
+    shown = (j.arm == arm) & (j.ts <= upto)  # (E,)
+    n_users = int(j.user.max()) + 1 if len(j.user) else 0
+    den = np.bincount(j.user[shown], minlength=n_users).astype(float)
+    idx, t = j.events[metric]
+    ok = shown[idx] & (t <= upto)
+    num = np.bincount(j.user[idx[ok]], minlength=n_users).astype(float)
+    keep = den > 0
+    return num[keep], den[keep]
+
+
+def analyze(exposures: pa.Table, outcomes: pa.Table, exp: ExperimentConfig) -> dict:
+    """Per arm: exposures, users, rates; against the control: lift with 95% CIs and an
+    always-valid mSPRT p-value per metric (looks after every ``check_every`` exposures, each
+    using only what was known then); the decision per arm."""
+    j = join(exposures, outcomes, exp)
+    looks = j.ts[np.arange(exp.check_every - 1, len(j.ts), exp.check_every)].tolist()
+    if len(j.ts) and (not looks or looks[-1] < j.ts[-1]):
+        looks.append(float(j.ts[-1]))
+    metrics = [exp.primary_metric, *[g.metric for g in exp.guardrails]]
+    metrics = list(dict.fromkeys([*metrics, *METRIC_EVENTS]))
+    report: dict = {"experiment": exp.id, "exposures": len(j.ts), "looks": len(looks), "arms": {}}
+    for arm in exp.arms:
+        num0, den0 = _per_user(j, exp.primary_metric, arm.name, math.inf)
+        entry = {
+            "share": arm.share,
+            "policy": arm.policy,
+            "exposures": int(den0.sum()),
+            "users": len(den0),
+            "rates": {m: ratio(*_per_user(j, m, arm.name, math.inf)).value for m in metrics},
+        }
+        if arm.name != exp.control:
+            entry["vs_control"] = {m: _sequential(j, exp, m, arm.name, looks) for m in metrics}
+            entry["decision"] = _decide(exp, entry["vs_control"])
+        report["arms"][arm.name] = entry
+    return report
+
+
+def _sequential(j: _Joined, exp: ExperimentConfig, metric: str, arm: str, looks: list) -> dict:
+    diffs, variances, exposures = [], [], []
+    for t in looks:
+        c = compare(
+            ratio(*_per_user(j, metric, exp.control, t)), ratio(*_per_user(j, metric, arm, t))
+        )
+        diffs.append(c.diff if math.isfinite(c.diff) else 0.0)
+        variances.append(c.variance if math.isfinite(c.variance) else 0.0)
+        exposures.append(int(np.count_nonzero((j.ts <= t) & np.isin(j.arm, [exp.control, arm]))))
+    if not looks:
+        return {"p_value": 1.0}
+    # tau: the mixing sd, relative to the control's rate at the end (a plug-in scale)
+    base = ratio(*_per_user(j, metric, exp.control, math.inf)).value
+    tau = exp.msprt_tau * (base if base > 0 and math.isfinite(base) else 1.0)
+    p = msprt_pvalues(np.asarray(diffs), np.asarray(variances), tau)
+    significant = np.flatnonzero(p <= exp.alpha)
+    final = compare(
+        ratio(*_per_user(j, metric, exp.control, math.inf)),
+        ratio(*_per_user(j, metric, arm, math.inf)),
+    )
+    out = {
+        "diff": final.diff,
+        "diff_ci": list(final.diff_ci),
+        "lift": final.lift,
+        "lift_ci": list(final.lift_ci),
+        "p_value": float(p[-1]),
+        "significant_at_exposures": exposures[significant[0]] if len(significant) else None,
+    }
+    # the fixed-horizon exposures a z-test needs for 80% power at the observed difference
+    if final.diff and final.variance > 0:
+        z = norm.ppf(1 - exp.alpha / 2) + norm.ppf(0.8)
+        out["fixed_horizon_exposures"] = int(exposures[-1] * final.variance * z * z / final.diff**2)
+    return out
+
+
+def _decide(exp: ExperimentConfig, vs: dict) -> dict:
+    """``stop`` when a guardrail (or the primary metric) is significantly harmed, ``promote``
+    when the primary metric is significantly better, else ``continue``."""
+    for g in exp.guardrails:
+        r = vs[g.metric]
+        if r["p_value"] <= exp.alpha and r["lift"] < -g.max_drop:
+            return {
+                "action": "stop",
+                "reason": f"guardrail {g.metric} harmed (lift {r['lift']:+.3f})",
+            }
+    r = vs[exp.primary_metric]
+    if r["p_value"] <= exp.alpha:
+        if r["diff"] > 0:
+            return {
+                "action": "promote",
+                "reason": f"{exp.primary_metric} better (lift {r['lift']:+.3f})",
+            }
+        return {"action": "stop", "reason": f"{exp.primary_metric} worse (lift {r['lift']:+.3f})"}
+    return {"action": "continue", "reason": "no significant difference yet"}
+
+
+# --------------------------------------------------------------------------- report CLI
+
+
+def experiments_of(
+    cfg: UnirankConfig, use_cases_dir: str | None
+) -> list[tuple[str, ExperimentConfig]]:
+    """(use-case, experiment) for every use-case that runs one: the config's own use-cases,
+    else those in ``use_cases_dir``."""
+    ucs = list(cfg.use_cases) or (load_use_cases(use_cases_dir) if use_cases_dir else [])
+    return [(uc.name, uc.experiment) for uc in ucs if uc.experiment is not None]
+
+
+def format_report(use_case: str, r: dict) -> str:
+    lines = [
+        f"experiment {r['experiment']} ({use_case}): {r['exposures']} exposures, {r['looks']} looks"
+    ]
+    for name, a in r["arms"].items():
+        rates = " ".join(f"{m}={v:.4f}" for m, v in a["rates"].items())
+        lines.append(
+            f"  {name:<12} share={a['share']:.2f} exposures={a['exposures']} users={a['users']} {rates}"
+        )
+        for m, v in a.get("vs_control", {}).items():
+            if "lift" in v:
+                lo, hi = v["lift_ci"]
+                lines.append(
+                    f"    {m:<17} lift {v['lift']:+.3f} [{lo:+.3f}, {hi:+.3f}]  mSPRT p={v['p_value']:.4f}"
+                )
+        if "decision" in a:
+            lines.append(f"    decision: {a['decision']['action']} ({a['decision']['reason']})")
+    return "\n".join(lines)
+
+
+def log_to_mlflow(cfg: UnirankConfig, use_case: str, r: dict) -> str:
+    """One MLflow run per experiment (found again by its tag): rates, lifts and p-values
+    per arm, decisions as tags. Returns the run id."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.mlflow.experiment)
+    tag = f"tags.`unirank.online_experiment` = '{r['experiment']}'"
+    runs = c.search_runs([exp_id], filter_string=tag, max_results=1)
+    run_id = (
+        runs[0].info.run_id
+        if runs
+        else c.create_run(
+            exp_id,
+            run_name=f"online-{r['experiment']}",
+            tags={"unirank.online_experiment": r["experiment"], "unirank.use_case": use_case},
+        ).info.run_id
+    )
+    step = r["exposures"]
+    for arm, a in r["arms"].items():
+        c.log_metric(run_id, f"{arm}/exposures", a["exposures"], step=step)
+        for m, v in a["rates"].items():
+            if math.isfinite(v):
+                c.log_metric(run_id, f"{arm}/{m}", v, step=step)
+        for m, v in a.get("vs_control", {}).items():
+            for key in ("lift", "p_value"):
+                if key in v and math.isfinite(v[key]):
+                    c.log_metric(run_id, f"{arm}/vs_control/{m}/{key}", v[key], step=step)
+        if "decision" in a:
+            c.set_tag(run_id, f"decision.{arm}", a["decision"]["action"])
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Online experiments: per-arm report with always-valid tests."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="analyze the flushed exposure log (ray_jobs.flush_log)")
+    rep.add_argument("config", nargs="?", help="project config YAML (default: embedded defaults)")
+    rep.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    rep.add_argument("--use-cases", default="configs/use_cases", help="directory of use-case YAMLs")
+    rep.add_argument(
+        "--log", default=None, help="flushed log root (default: serve.exposure_log_output)"
+    )
+    rep.add_argument("--mlflow", action="store_true", help="log each experiment to an MLflow run")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        found = experiments_of(cfg, a.use_cases)
+    except ConfigError as exc:
+        p.exit(2, f"error: {exc}\n")
+    if not found:
+        p.exit(
+            2,
+            f"error: no use-case in {a.config or 'the defaults'} / {a.use_cases} has an experiment\n",
+        )
+    root = a.log or cfg.serve.exposure_log_output
+    reports = {}
+    for use_case, exp in found:
+        exposures, outcomes = read_log(root, use_case, cfg.storage)
+        r = analyze(exposures, outcomes, exp)
+        if a.mlflow:
+            r["mlflow_run_id"] = log_to_mlflow(cfg, use_case, r)
+        print(format_report(use_case, r))
+        reports[use_case] = r
+    print(json.dumps({"experiments": reports}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

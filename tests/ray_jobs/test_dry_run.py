@@ -26,6 +26,7 @@ MODULES = {
     "export": "ray_jobs.export",
     "user_embeddings": "ray_jobs.user_embeddings",
     "tune": "tuning.search",
+    "flush_log": "ray_jobs.flush_log",
 }
 SPLITS = [
     "dataset.train=[s3://b/prepared/train]",
