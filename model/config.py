@@ -552,6 +552,9 @@ class ExperimentConfig(_Strict):
     # mSPRT mixing sd, relative to the control arm's rate (tau = msprt_tau * control rate)
     msprt_tau: float = Field(default=0.1, gt=0, le=10)
     check_every: int = Field(default=1000, ge=10)  # exposures per sequential look
+    # the relative lift the experiment is planned to detect: the report compares when the
+    # sequential test decided with the exposures a fixed-horizon test needs for it (80% power)
+    minimum_detectable_lift: float = Field(default=0.05, gt=0, le=10)
     attribution_window_s: int = Field(default=86_400, ge=1, le=90 * 86_400)
 
     @model_validator(mode="after")
@@ -801,6 +804,14 @@ def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
         return UnirankConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, f"{source} with overrides {overrides}")) from None
+
+
+def config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """A CLI's (config, overrides) positionals: a bare ``key=value`` in the config slot that
+    is not a file is the first override (``python -m ... key=value`` on the defaults)."""
+    if config and "=" in config and not os.path.exists(config):
+        return None, [config, *overrides]
+    return config, list(overrides)
 
 
 def load_config(

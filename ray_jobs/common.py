@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import ray
 
-from model.config import ConfigError, StorageConfig, UnirankConfig, load_config
+from model.config import ConfigError, StorageConfig, UnirankConfig, config_args, load_config
 from model.storage import list_parquet, resolve
 
 log = logging.getLogger("unirank")
@@ -38,10 +38,7 @@ def parse_job_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> tuple[argparse.Namespace, UnirankConfig]:
     args = parser.parse_args(argv)
-    # A bare key=value in the config slot is an override, not a file.
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides = [args.config, *args.overrides]
-        args.config = None
+    args.config, args.overrides = config_args(args.config, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

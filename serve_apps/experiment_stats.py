@@ -83,14 +83,8 @@ def compare(control: RatioEstimate, treatment: RatioEstimate) -> Comparison:
     half = Z_95 * math.sqrt(v) if v == v else math.nan
     if control.value > 0:
         q = treatment.value / control.value
-        rel_var = (
-            q
-            * q
-            * (
-                treatment.variance / max(treatment.value, 1e-300) ** 2
-                + control.variance / control.value**2
-            )
-        )
+        # Var(t / c) ~= (Var t + q^2 Var c) / c^2 (delta method)
+        rel_var = (treatment.variance + q * q * control.variance) / control.value**2
         rel_half = Z_95 * math.sqrt(rel_var)
         lift = q - 1
     else:

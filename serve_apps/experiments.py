@@ -23,7 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.stats import norm
 
-from model.config import ArmConfig, ConfigError, ExperimentConfig, UnirankConfig, load_config
+from model.config import (
+    ArmConfig,
+    ConfigError,
+    ExperimentConfig,
+    UnirankConfig,
+    config_args,
+    load_config,
+)
 from model.exposure_log import EXPOSURE_SCHEMA, OUTCOME_SCHEMA
 from model.storage import exists, list_parquet
 from serve_apps.deploy_config import load_use_cases
@@ -178,10 +185,11 @@ def _sequential(j: _Joined, exp: ExperimentConfig, metric: str, arm: str, looks:
         "p_value": float(p[-1]),
         "significant_at_exposures": exposures[significant[0]] if len(significant) else None,
     }
-    # the fixed-horizon exposures a z-test needs for 80% power at the observed difference
-    if final.diff and final.variance > 0:
+    # the exposures a fixed-horizon z-test needs for 80% power at the planned lift
+    if math.isfinite(base) and base > 0 and final.variance > 0:
         z = norm.ppf(1 - exp.alpha / 2) + norm.ppf(0.8)
-        out["fixed_horizon_exposures"] = int(exposures[-1] * final.variance * z * z / final.diff**2)
+        effect = exp.minimum_detectable_lift * base
+        out["fixed_horizon_exposures"] = int(exposures[-1] * final.variance * z * z / effect**2)
     return out
 
 
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rep.add_argument("--mlflow", action="store_true", help="log each experiment to an MLflow run")
     a = p.parse_args(argv)
+    a.config, a.overrides = config_args(a.config, a.overrides)
     try:
         cfg = load_config(a.config, a.overrides)
         found = experiments_of(cfg, a.use_cases)

@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray import serve
 
-from model.config import ConfigError, UnirankConfig, UseCaseConfig, load_config
+from model.config import ConfigError, UnirankConfig, UseCaseConfig, config_args, load_config
 from serve_apps.app import build_app
 from serve_apps.deploy_config import build_serve_config, load_use_cases
 from serve_apps.model_store import resolve_model_dir
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard port of a local Ray")
     p.add_argument("--demo", action="store_true", help="answer a sample request each and exit")
     a = p.parse_args(argv)
-    if a.config and "=" in a.config:  # only overrides given
-        a.overrides.insert(0, a.config)
-        a.config = None
+    a.config, a.overrides = config_args(a.config, a.overrides)
     try:
         cfg = load_config(a.config, a.overrides)
         if a.demo:
