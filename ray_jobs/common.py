@@ -64,7 +64,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, **{"log_to_driver": True, **kwargs})
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
