@@ -33,7 +33,7 @@ import pyarrow.compute as pc  # noqa: E402
 from benchmarks._util import emit  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.metrics import auc  # noqa: E402
-from ray_jobs.synthetic import World, generate_chunk, num_chunks  # noqa: E402
+from model.synthetic import World, generate_chunk, num_chunks  # noqa: E402
 
 VARIANTS = {
     "default": [],

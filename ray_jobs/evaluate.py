@@ -149,8 +149,8 @@ def reference_metrics(cfg: UnirankConfig, processor: FeatureProcessor, split: st
     which must be the config the data was generated with); None for other sources."""
     if cfg.dataset.source != "synthetic":
         return None
+    from model.synthetic import World
     from ray_jobs.reference import COLUMNS, log_reference
-    from ray_jobs.synthetic import World
 
     world = World.build(cfg.generate)
     names = processor.layout.task_names

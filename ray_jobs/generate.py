@@ -21,6 +21,7 @@ import ray
 
 from model.config import GenerateConfig, StorageConfig, UnirankConfig
 from model.storage import resolve
+from model.synthetic import World, generate_chunk, num_chunks
 from ray_jobs.common import (
     init_ray,
     job_parser,
@@ -29,7 +30,6 @@ from ray_jobs.common import (
     setup_logging,
     write_json,
 )
-from ray_jobs.synthetic import World, generate_chunk, num_chunks
 
 PARTS = ("impressions", "events", "truth/impressions")
 

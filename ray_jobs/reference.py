@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ray_jobs.synthetic import World
+from model.synthetic import World
 
 # The logged columns the reference reads (all in the unified example).
 COLUMNS = (

@@ -77,7 +77,7 @@ def test_tiny_catalogue_and_per_task_type_features():
 def generated_logs(seed: int = 3) -> tuple[pa.Table, pd.DataFrame]:
     """One chunk of the synthetic generator's logs in the unified columns (click = the
     generator's true click), and the same rows as a DataFrame for the expectations."""
-    from ray_jobs.synthetic import World, generate_chunk
+    from model.synthetic import World, generate_chunk
 
     cfg = GenerateConfig(seed=seed, num_impressions=20_000, num_users=500, num_items=2_000)
     chunk = generate_chunk(World.build(cfg), 0)

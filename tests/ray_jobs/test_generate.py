@@ -159,7 +159,7 @@ SLOW = ["generate.interest_drift=0.2"]  # so that old history events still descr
 
 def _ads_chunk(*extra):
     """One in-process chunk (numpy, no Ray) and its world; ads rows only."""
-    from ray_jobs.synthetic import World, generate_chunk
+    from model.synthetic import World, generate_chunk
 
     cfg = load_config(None, [*SMALL, "generate.rows_per_chunk=12000", *extra]).generate
     world = World.build(cfg)
@@ -220,7 +220,7 @@ NOISE_KNOBS = (
 
 
 def _world(*extra):
-    from ray_jobs.synthetic import World
+    from model.synthetic import World
 
     return World.build(load_config(None, [*SMALL, *extra]).generate)
 
@@ -247,7 +247,7 @@ def test_impressions_carry_item_content_and_user_profiles():
     """Every row logs its item's content and its user's profile, the same for every row of
     that item / user (a catalogue and a profile, not per-impression noise), and a chunk is a
     pure function of (seed, chunk id)."""
-    from ray_jobs.synthetic import generate_chunk
+    from model.synthetic import generate_chunk
 
     world = _world()
     imps = generate_chunk(world, 1)["impressions"]
@@ -308,7 +308,7 @@ def test_cold_start_users_and_items_arrive_only_late():
     """new_user_fraction / new_item_fraction of ids exist only in the last cold_start_days:
     no impression, history event or history item of theirs before they arrive, and the truth
     flags them. With the fractions at 0 there are none."""
-    from ray_jobs.synthetic import DAY, generate_chunk
+    from model.synthetic import DAY, generate_chunk
 
     days, window = 5, 2
     knobs = [

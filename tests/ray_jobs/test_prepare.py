@@ -372,8 +372,8 @@ def test_logs_without_content_or_profiles_get_placeholders():
     """Raw logs that carry none of the content / profile columns (older or foreign logs)
     still make unified examples: 0 and empty lists, the placeholders."""
     from model.config import PrepareConfig
+    from model.synthetic import World, generate_chunk
     from ray_jobs.prepare import _finalize
-    from ray_jobs.synthetic import World, generate_chunk
 
     gen = load_config(None, [*GEN, "generate.rows_per_chunk=500"]).generate
     imps = generate_chunk(World.build(gen), 0)["impressions"].drop_columns(

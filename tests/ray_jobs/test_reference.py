@@ -7,8 +7,8 @@ import pytest
 
 from model.config import load_config
 from model.metrics import auc
+from model.synthetic import World, generate_chunk
 from ray_jobs.reference import lift_share, log_reference
-from ray_jobs.synthetic import World, generate_chunk
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,9 @@
 """Synthetic raw logs with ground truth, in numpy: the world and one chunk of impressions.
 
+It lives in ``model/`` because two sides use the same world: ``ray_jobs.generate`` writes
+its logs, and ``serve_apps.simulate`` lets its users answer live ranked responses (the
+closed loop of online experiments); neither imports the other.
+
 The world (users, items, advertisers) is rebuilt from the seed in every task, so chunks are
 generated independently and rows depend only on (seed, chunk id): the output is identical
 whatever the number of Ray blocks.
