@@ -33,10 +33,12 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from model.config import ArmConfig, ExperimentConfig
 from model.exposure_log import Exposure, Outcome
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
+from serve_apps.experiments import assign_arm
 from serve_apps.exposures import make_exposure_log
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
@@ -55,6 +57,7 @@ SMALL_BODY_BYTES = 4 * 1024  # /events and the GET routes
 CACHE_MAX_ENTRIES = 10_000
 STORE_TIMEOUT_S = 0.5
 ERROR_KEY = "__error__"  # serve_apps.ranker.ERROR_KEY (the ingress does not import torch)
+HOLDOUT_VERSION = "popularity"  # model_version of a holdout arm's answers
 
 
 class RankerClient(Protocol):
@@ -106,11 +109,11 @@ class ResultCache:
             self._d.popitem(last=False)
 
 
-def cache_key(req: RankRequest, events: Events) -> str:
+def cache_key(req: RankRequest, events: Events, arm: str | None = None) -> str:
     """The request minus its id, plus the user's exact history (new or backfilled events
-    bust the cache)."""
+    bust the cache) and experiment arm (arms never share answers)."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, events.digest()], sort_keys=True, default=str)
+    text = json.dumps([body, events.digest(), arm], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -195,6 +198,7 @@ class IngressCore:
         self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
         self.index = load_index(s)
         self.log = make_exposure_log(s.cfg.serve.exposure_log, s.cfg.serve.redis_url)
+        self.experiment: ExperimentConfig | None = uc.experiment
         self.known_task_types = set(s.cfg.dataset.task_types)
         self._version: dict | None = None
 
@@ -384,13 +388,14 @@ class IngressCore:
         events, encoding = await asyncio.gather(
             self._user_events(req.user_id), self._user_encoding(req.user_id)
         )
-        key = cache_key(req, events)
+        arm = assign_arm(req.user_id, self.experiment) if self.experiment else None
+        key = cache_key(req, events, arm.name if arm else None)
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
             if hit is not None:
                 self.metrics.inc("unirank_cache_hits")
                 resp = {**hit, "request_id": rid, "cached": True}
-                await self._log(self._exposure(resp, req.user_id))
+                await self._log(self._exposure(resp, req.user_id, arm))
                 return resp
             self.metrics.inc("unirank_cache_misses")
 
@@ -408,8 +413,11 @@ class IngressCore:
         rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
 
-        fallback, precomputed = None, False
-        if len(slate):
+        fallback, precomputed, version = None, False, None
+        if arm is not None and arm.policy == "popularity":  # the holdout: not personalized
+            slate = slate.take(np.argsort(-feats["popularity"], kind="stable"))
+            version = HOLDOUT_VERSION
+        elif len(slate):
             now = now_s()
             # A stored encoding counts only when fresher than the use-case's limit and no
             # event arrived after it; else the ranker encodes the events on the fly.
@@ -429,6 +437,7 @@ class IngressCore:
                 surface=req.context.surface,
                 encoding=encoding if status == "fresh" else None,
                 encoding_status=status,
+                arm=arm.name if arm is not None and arm.model_uri else None,
             )
             try:
                 out = await self._call_ranker(inp)
@@ -461,20 +470,25 @@ class IngressCore:
         resp = RankResponse(
             request_id=rid,
             use_case=uc.name,
-            model_version=(self._version or {}).get("sha256", "") or await self._digest(),
+            model_version=version
+            or (self._version or {}).get("sha256", "")
+            or await self._digest(),
             items=_items(slate),
             num_candidates=num_candidates,
             fallback=fallback,
             used_precomputed_encoding=precomputed,
+            experiment=self.experiment.id if arm is not None else None,
+            arm=arm.name if arm is not None else None,
         ).model_dump()
         if fallback is None:
             self.cache.put(key, resp)
-        await self._log(self._exposure(resp, req.user_id))
+        await self._log(self._exposure(resp, req.user_id, arm))
         return resp
 
-    def _exposure(self, resp: dict[str, Any], user_id: int) -> Exposure:
+    def _exposure(self, resp: dict[str, Any], user_id: int, arm: ArmConfig | None) -> Exposure:
         items = resp["items"]
         fallback = resp.get("fallback")
+        scored = not fallback and all(i["score"] is not None for i in items)
         return Exposure(
             request_id=resp["request_id"],
             ts=time.time(),
@@ -482,8 +496,11 @@ class IngressCore:
             user_id=user_id,
             model_version=resp["model_version"],
             items=[int(i["item_id"]) for i in items],
-            scores=None if fallback else [float(i["score"]) for i in items],
+            scores=[float(i["score"]) for i in items] if scored else None,
             fallback=fallback["reason"] if fallback else None,
+            experiment=resp.get("experiment"),
+            arm=resp.get("arm"),
+            propensity=arm.share if arm is not None else 1.0,
         )
 
     async def _log(self, record: Exposure | Outcome) -> None:

@@ -42,6 +42,8 @@ class RankInput:
     # and why not (``missing`` / ``stale`` / ``outdated``): the ranker encodes on the fly.
     encoding: Encoding | None = None
     encoding_status: str = "missing"
+    # The experiment arm whose model scores this request (None: the ranker's live model).
+    arm: str | None = None
 
     def __len__(self) -> int:
         return len(self.candidates["item_id"])

@@ -98,6 +98,8 @@ class RankResponse(BaseModel):
     fallback: Fallback | None = None
     cached: bool = False
     used_precomputed_encoding: bool = False
+    experiment: str | None = None  # the use-case's online experiment, if it runs one
+    arm: str | None = None  # the user's arm in it (serve_apps.experiments.assign_arm)
 
 
 class Event(_Strict):
