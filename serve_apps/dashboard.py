@@ -78,20 +78,53 @@ PANELS = [
 ]
 
 
+# One row per running experiment (the row repeats over the ``experiment`` variable).
+EXP = 'experiment=~"$experiment"'
+EXPERIMENT_PANELS = [
+    (
+        "Exposures/s by arm",
+        f"sum by (experiment, arm) (rate(ray_unirank_experiment_exposures_total{{{EXP}}}[5m]))",
+        "reqps",
+    ),
+    (
+        "p99 latency by arm (ms)",
+        f"histogram_quantile(0.99, sum by (le, experiment, arm) (rate(ray_unirank_experiment_latency_ms_bucket{{{EXP}}}[5m])))",
+        "ms",
+    ),
+]
+
+
+def _panel(i: int, title: str, expr: str, unit: str, y: int, legend: str) -> dict:
+    return {
+        "id": i,
+        "type": "timeseries",
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": 12 * ((i - 1) % 2), "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"refId": "A", "expr": expr, "legendFormat": legend}],
+    }
+
+
 def dashboard() -> dict:
-    panels = []
-    for i, (title, expr, unit) in enumerate(PANELS):
-        panels.append(
-            {
-                "id": i + 1,
-                "type": "timeseries",
-                "title": title,
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "targets": [{"refId": "A", "expr": expr, "legendFormat": "{{task_type}}"}],
-            }
-        )
+    panels = [
+        _panel(i + 1, title, expr, unit, 8 * (i // 2), "{{task_type}}")
+        for i, (title, expr, unit) in enumerate(PANELS)
+    ]
+    y = 8 * ((len(PANELS) + 1) // 2)
+    panels.append(
+        {
+            "id": len(panels) + 1,
+            "type": "row",
+            "title": "Experiment $experiment",
+            "repeat": "experiment",
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            "panels": [],
+        }
+    )
+    for title, expr, unit in EXPERIMENT_PANELS:
+        panels.append(_panel(len(panels) + 1, title, expr, unit, y + 1, "{{arm}}"))
     return {
         "uid": "unirank-serving",
         "title": "unirank serving",
@@ -108,6 +141,15 @@ def dashboard() -> dict:
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
                     "query": "label_values(ray_unirank_requests_total, task_type)",
+                    "includeAll": True,
+                    "multi": True,
+                    "current": {"text": "All", "value": "$__all"},
+                },
+                {
+                    "name": "experiment",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": "label_values(ray_unirank_experiment_exposures_total, experiment)",
                     "includeAll": True,
                     "multi": True,
                     "current": {"text": "All", "value": "$__all"},

@@ -383,7 +383,7 @@ class IngressCore:
         return feats
 
     async def rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
-        uc = self.uc
+        uc, t0 = self.uc, time.monotonic()
         self._validate(req)
         events, encoding = await asyncio.gather(
             self._user_events(req.user_id), self._user_encoding(req.user_id)
@@ -483,6 +483,12 @@ class IngressCore:
         if fallback is None:
             self.cache.put(key, resp)
         await self._log(self._exposure(resp, req.user_id, arm))
+        if arm is not None:
+            tags = {"experiment": self.experiment.id, "arm": arm.name}
+            self.metrics.inc("unirank_experiment_exposures", **tags)
+            self.metrics.observe(
+                "unirank_experiment_latency_ms", (time.monotonic() - t0) * 1e3, **tags
+            )
         return resp
 
     def _exposure(self, resp: dict[str, Any], user_id: int, arm: ArmConfig | None) -> Exposure:

@@ -41,6 +41,16 @@ METRICS = {
     "unirank_candidates": ("histogram", "Candidates scored per request", ()),
     "unirank_model_batch_rows": ("histogram", "Rows per batched model call", ()),
     "unirank_model_latency_ms": ("histogram", "Batched model call latency", ()),
+    "unirank_experiment_exposures": (
+        "counter",
+        "Ranked responses of a running experiment, by arm",
+        ("experiment", "arm"),
+    ),
+    "unirank_experiment_latency_ms": (
+        "histogram",
+        "Ingress latency of a ranking request, by experiment arm (a guardrail)",
+        ("experiment", "arm"),
+    ),
     "unirank_user_encoding": (
         "counter",
         "User-sequence encodings: precomputed (feature store) or on_the_fly, and why",
@@ -50,6 +60,7 @@ METRICS = {
 _BOUNDARIES = {
     "unirank_request_latency_ms": LATENCY_MS_BUCKETS,
     "unirank_model_latency_ms": LATENCY_MS_BUCKETS,
+    "unirank_experiment_latency_ms": LATENCY_MS_BUCKETS,
     "unirank_scores": SCORE_BUCKETS,
     "unirank_candidates": BATCH_BUCKETS,
     "unirank_model_batch_rows": BATCH_BUCKETS,

@@ -68,6 +68,10 @@ def test_responses_name_their_arm_and_the_holdout_is_not_personalized(client):
     assert 5 <= len(holdout) <= 20
     # every holdout user sees the same (popularity) order, whoever they are
     assert len({tuple(seen[u]) for u in holdout}) == 1
+    # per-arm metrics (Prometheus, a Grafana row per experiment): every answer, cached too
+    count = core.metrics.count
+    assert count("unirank_experiment_exposures", arm="holdout") == 2 * len(holdout)
+    assert count("unirank_experiment_exposures", experiment="notif-holdout") == 80
     records = asyncio.run(core.log.read("notifications"))
     exposures = [r for _, r in records if r.kind == "exposure"]
     assert len(exposures) == 80

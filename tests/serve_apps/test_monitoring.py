@@ -25,11 +25,23 @@ def metric_names(expr: str) -> set[str]:
 def test_dashboard_json_parses_is_current_and_uses_our_metrics():
     data = json.loads((MON / "grafana" / "unirank-serving.json").read_text())
     assert data == json.loads(json.dumps(dashboard()))  # regenerate: python -m serve_apps.dashboard
-    exprs = [t["expr"] for p in data["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
+    (row,) = [p for p in data["panels"] if p["type"] == "row"]  # one row per experiment
+    assert row["repeat"] == "experiment"
+    assert any(v["name"] == "experiment" for v in data["templating"]["list"])
     used = set().union(*(metric_names(e) for e in exprs))
     assert used and used <= KNOWN, used - KNOWN
     assert any("task_type" in v["name"] for v in data["templating"]["list"])
-    for name in ("requests", "request_latency_ms", "fallbacks", "cache_hits", "errors", "scores"):
+    for name in (
+        "requests",
+        "request_latency_ms",
+        "fallbacks",
+        "cache_hits",
+        "errors",
+        "scores",
+        "experiment_exposures",
+        "experiment_latency_ms",
+    ):
         assert any(f"ray_unirank_{name}_" in e for e in exprs), name
 
 
