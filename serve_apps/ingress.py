@@ -395,7 +395,7 @@ class IngressCore:
             if hit is not None:
                 self.metrics.inc("unirank_cache_hits")
                 resp = {**hit, "request_id": rid, "cached": True}
-                await self._log(self._exposure(resp, req.user_id, arm))
+                await self._exposed(resp, req.user_id, arm, t0)
                 return resp
             self.metrics.inc("unirank_cache_misses")
 
@@ -482,14 +482,17 @@ class IngressCore:
         ).model_dump()
         if fallback is None:
             self.cache.put(key, resp)
-        await self._log(self._exposure(resp, req.user_id, arm))
+        await self._exposed(resp, req.user_id, arm, t0)
+        return resp
+
+    async def _exposed(self, resp: dict, user_id: int, arm: ArmConfig | None, t0: float) -> None:
+        """A response is about to be shown: log the exposure, count it per arm."""
+        await self._log(self._exposure(resp, user_id, arm))
         if arm is not None:
             tags = {"experiment": self.experiment.id, "arm": arm.name}
+            ms = (time.monotonic() - t0) * 1e3
             self.metrics.inc("unirank_experiment_exposures", **tags)
-            self.metrics.observe(
-                "unirank_experiment_latency_ms", (time.monotonic() - t0) * 1e3, **tags
-            )
-        return resp
+            self.metrics.observe("unirank_experiment_latency_ms", ms, **tags)
 
     def _exposure(self, resp: dict[str, Any], user_id: int, arm: ArmConfig | None) -> Exposure:
         items = resp["items"]
