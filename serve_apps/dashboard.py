@@ -106,6 +106,19 @@ def _panel(i: int, title: str, expr: str, unit: str, y: int, legend: str) -> dic
     }
 
 
+def _label_variable(label: str, metric: str) -> dict:
+    """A multi-select dashboard variable over the values of ``label`` on ``metric``."""
+    return {
+        "name": label,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "query": f"label_values({metric}, {label})",
+        "includeAll": True,
+        "multi": True,
+        "current": {"text": "All", "value": "$__all"},
+    }
+
+
 def dashboard() -> dict:
     panels = [
         _panel(i + 1, title, expr, unit, 8 * (i // 2), "{{task_type}}")
@@ -136,24 +149,8 @@ def dashboard() -> dict:
         "templating": {
             "list": [
                 {"name": "datasource", "type": "datasource", "query": "prometheus"},
-                {
-                    "name": "task_type",
-                    "type": "query",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": "label_values(ray_unirank_requests_total, task_type)",
-                    "includeAll": True,
-                    "multi": True,
-                    "current": {"text": "All", "value": "$__all"},
-                },
-                {
-                    "name": "experiment",
-                    "type": "query",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": "label_values(ray_unirank_experiment_exposures_total, experiment)",
-                    "includeAll": True,
-                    "multi": True,
-                    "current": {"text": "All", "value": "$__all"},
-                },
+                _label_variable("task_type", "ray_unirank_requests_total"),
+                _label_variable("experiment", "ray_unirank_experiment_exposures_total"),
             ]
         },
         "panels": panels,
