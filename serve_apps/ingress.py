@@ -33,19 +33,34 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from model.id_lists import IdLists
+from model.retrieval_index import SERVED_ITEM_FEATURES
+from model.schema import ITEM_CONTENT_LISTS, USER_PROFILE_COLUMNS, USER_PROFILE_LISTS
+from model.user_profiles import PROFILE_FILE, UserProfiles
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
 from serve_apps.retrieval import RetrievalIndex
-from serve_apps.rows import CANDIDATE_COLUMNS, RankInput
+from serve_apps.rows import RankInput
 from serve_apps.rules import RuleContext, Slate, load_rules, sort_by_score, with_scores
-from serve_apps.schemas import Event, EventAck, Fallback, RankRequest, RankResponse, ScoredItem
+from serve_apps.schemas import (
+    Candidate,
+    Event,
+    EventAck,
+    Fallback,
+    RankRequest,
+    RankResponse,
+    ScoredItem,
+    UserProfile,
+)
 from serve_apps.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
-BYTES_PER_CANDIDATE = 256  # generous JSON size of one candidate object
+# generous JSON size of one candidate object, content lists included (2 x 32 ids of <= 19
+# digits would be ~1.3 kB; a typical candidate is far smaller)
+BYTES_PER_CANDIDATE = 1536
 # Everything but the candidates at their schema maxima: 10,000 excluded + 1,000 campaign ids +
 # 64 query tokens of up to 19 digits each, and the small fields.
 BASE_BODY_BYTES = 256 * 1024
@@ -170,6 +185,79 @@ def load_index(s: AppSettings) -> RetrievalIndex | None:
         return None  # request-supplied candidates, no fallback: the index is optional
 
 
+def load_profiles(s: AppSettings) -> UserProfiles | None:
+    """The user-profile table exported with the model (``<model dir>/user_profiles.npz``);
+    None for a model exported without one (its users then get profile placeholders, unless
+    the request sends a ``profile``)."""
+    from serve_apps.model_store import resolve_model_dir
+
+    path = resolve_model_dir(s.model_uri, s.cfg) / PROFILE_FILE
+    return UserProfiles.load(path) if path.is_file() else None
+
+
+def catalogue_features(
+    index: RetrievalIndex | None, ids: np.ndarray, task_type: str
+) -> tuple[dict[str, np.ndarray], dict[str, IdLists]]:
+    """The candidates' item features as ``task_type``'s training rows carried them (+
+    ``popularity``) and their content lists; all placeholders without an index."""
+    n = len(ids)
+    if index is not None:
+        feats = index.features(ids, task_type=task_type)
+        lists = index.lists(ids)
+    else:
+        feats = {k: np.zeros(n, np.int64) for k in SERVED_ITEM_FEATURES}
+        feats["price"] = np.full(n, np.nan, np.float32)
+        feats["advertiser_reliability"] = np.full(n, np.nan, np.float32)
+        feats["popularity"] = np.zeros(n, np.float32)
+        lists = {k: IdLists.empty(n) for k in ITEM_CONTENT_LISTS}
+    feats["item_id"] = np.asarray(ids, np.int64)
+    return feats, lists
+
+
+def override_candidates(
+    given: list[Candidate], feats: dict[str, np.ndarray], lists: dict[str, IdLists]
+) -> None:
+    """Per candidate (aligned with the feature rows), the fields the request sent replace
+    the catalogue's (in place)."""
+    for name in Candidate.model_fields:
+        if name == "item_id":
+            continue
+        values = [getattr(c, name) for c in given]
+        if all(v is None for v in values):
+            continue
+        if name in lists or name in ITEM_CONTENT_LISTS:
+            old = lists.get(name, IdLists.empty(len(given)))
+            rows = old.rows()
+            lists[name] = IdLists.from_rows(
+                [rows[i] if v is None else v for i, v in enumerate(values)]
+            )
+        else:
+            col = feats[name].copy()
+            for i, v in enumerate(values):
+                if v is not None:
+                    col[i] = v
+            feats[name] = col
+
+
+def user_profile(
+    profiles: UserProfiles | None, user_id: int, override: UserProfile | None
+) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """(scalar, list) profile columns of a user: the profile table's (placeholders for an
+    unknown user, as in training), then the request's fields on top."""
+    if profiles is not None:
+        scalars, lists = profiles.lookup(user_id)
+    else:
+        scalars = {c: 0 for c in USER_PROFILE_COLUMNS}
+        lists = {c: np.zeros(0, np.int64) for c in USER_PROFILE_LISTS}
+    if override is not None:
+        for name, v in override.model_dump(exclude_none=True).items():
+            if isinstance(v, list):
+                lists[name] = np.asarray(v, np.int64)
+            else:
+                scalars[name] = int(v)
+    return scalars, lists
+
+
 class IngressCore:
     """One use-case's request handling, without Serve or HTTP."""
 
@@ -192,6 +280,7 @@ class IngressCore:
         self.cache = ResultCache(uc.cache_ttl_s)
         self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
         self.index = load_index(s)
+        self.profiles = load_profiles(s)
         self.known_task_types = set(s.cfg.dataset.task_types)
         self._version: dict | None = None
 
@@ -341,30 +430,22 @@ class IngressCore:
             return idx.eligible_ads(req.campaign_ids, limit)
         raise RequestError(422, "candidates are required", "candidates")
 
-    def _candidate_features(self, req: RankRequest, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Catalogue features, overridden by what the request supplies."""
-        if self.index is not None:
-            feats = self.index.features(ids, task_type=self.uc.name)  # as its training rows
-        else:
-            n = len(ids)
-            feats = {k: np.zeros(n, np.int64) for k in CANDIDATE_COLUMNS[1:4]}
-            feats["price"] = np.full(n, np.nan, np.float32)
-            feats["advertiser_reliability"] = np.full(n, np.nan, np.float32)
-            feats["popularity"] = np.zeros(n, np.float32)
-        feats["item_id"] = ids
+    def _candidate_features(
+        self, req: RankRequest, ids: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, IdLists]]:
+        """Catalogue features and content lists (placeholders for unknown items, as for a
+        cold-start item in training), overridden by what the request supplies."""
+        feats, lists = catalogue_features(self.index, ids, self.uc.name)
         if req.candidates is not None:
             first: dict[int, Any] = {}
             for c in req.candidates:
                 first.setdefault(c.item_id, c)
-            for name in CANDIDATE_COLUMNS[1:]:
-                given = [getattr(first[int(x)], name) for x in ids]
-                if any(v is not None for v in given):
-                    col = feats[name].copy()
-                    for i, v in enumerate(given):
-                        if v is not None:
-                            col[i] = v
-                    feats[name] = col
-        return feats
+            override_candidates([first[int(x)] for x in ids], feats, lists)
+        return feats, lists
+
+    def _profile(self, req: RankRequest) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """The user's profile: the export's table, overridden by the request's ``profile``."""
+        return user_profile(self.profiles, req.user_id, req.profile)
 
     async def rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
         uc = self.uc
@@ -381,7 +462,7 @@ class IngressCore:
             self.metrics.inc("unirank_cache_misses")
 
         ids = _unique(self._retrieve(req))[: uc.max_candidates]
-        feats = self._candidate_features(req, ids)
+        feats, lists = self._candidate_features(req, ids)
         ctx = RuleContext(
             use_case=uc,
             seen_item_ids=frozenset(int(x) for x in events.item_ids),
@@ -393,10 +474,12 @@ class IngressCore:
         where = {int(x): i for i, x in enumerate(ids)}
         rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
+        lists = {k: v.take(rows) for k, v in lists.items()}
 
         fallback, precomputed = None, False
         if len(slate):
             now = now_s()
+            profile, profile_lists = self._profile(req)
             # A stored encoding counts only when fresher than the use-case's limit and no
             # event arrived after it; else the ranker encodes the events on the fly.
             status = "missing"
@@ -406,7 +489,10 @@ class IngressCore:
                 task_type=uc.name,
                 now=now,
                 user_id=req.user_id,
-                candidates={k: feats[k] for k in CANDIDATE_COLUMNS},
+                candidates={k: v for k, v in feats.items() if k != "popularity"},
+                candidate_lists=lists,
+                profile=profile,
+                profile_lists=profile_lists,
                 events=events,
                 source_item_id=req.source_item_id or 0,
                 query_tokens=np.asarray(req.query_tokens or [], dtype=np.int64),
