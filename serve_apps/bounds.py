@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from serve_apps.rows import RankInput
 
 INT64_MAX = 2**63 - 1
+MAX_LIST_IDS = 32  # ids per list feature of a candidate / profile (the model keeps <= 8)
 FUTURE_S = 86_400  # an event may be at most this far ahead of the server clock
 
 

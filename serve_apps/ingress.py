@@ -5,13 +5,15 @@ serve_apps.api.build_api over an :class:`IngressCore`):
 
     POST /rank      rank candidates for a user            -> RankResponse
     POST /events    append a user's event to the store     -> EventAck
+    POST /profile   set fields of a user's online profile  -> ProfileAck
     GET  /healthz   liveness + model, store, index status
     GET  /version   the served model (URI, digest, manifest, device)
     GET  /docs, /openapi.json
 
 A request flows: body limit (before parsing) -> schema bounds (422 naming the field) ->
 use-case checks -> the user's recent events (feature store, truncated to the model's sequence
-length) -> result cache (TTL per use-case) -> candidates (request or retrieval) -> pre rules
+length) and profile (the export's profile table < the store's online profile < the request's
+``profile``) -> result cache (TTL per use-case) -> candidates (request or retrieval) -> pre rules
 -> Ranker (deadline = the use-case's request_timeout_s) -> post rules + top_k. A ranker
 error, a non-finite score or a missed deadline is answered by the fallback policy
 (``fallback`` field set, counted in ``unirank_fallbacks``); never a score that is not finite.
@@ -50,6 +52,8 @@ from serve_apps.schemas import (
     Event,
     EventAck,
     Fallback,
+    ProfileAck,
+    ProfileUpdate,
     RankRequest,
     RankResponse,
     ScoredItem,
@@ -119,11 +123,11 @@ class ResultCache:
             self._d.popitem(last=False)
 
 
-def cache_key(req: RankRequest, events: Events) -> str:
+def cache_key(req: RankRequest, events: Events, profile: dict | None = None) -> str:
     """The request minus its id, plus the user's exact history (new or backfilled events
-    bust the cache)."""
+    bust the cache) and online profile (so does a profile update)."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, events.digest()], sort_keys=True, default=str)
+    text = json.dumps([body, events.digest(), profile or {}], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -240,21 +244,25 @@ def override_candidates(
 
 
 def user_profile(
-    profiles: UserProfiles | None, user_id: int, override: UserProfile | None
+    profiles: UserProfiles | None,
+    user_id: int,
+    online: dict | None = None,
+    override: UserProfile | None = None,
 ) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """(scalar, list) profile columns of a user: the profile table's (placeholders for an
-    unknown user, as in training), then the request's fields on top."""
+    unknown user, as in training), then the online profile's fields (feature store), then the
+    request's."""
     if profiles is not None:
         scalars, lists = profiles.lookup(user_id)
     else:
         scalars = {c: 0 for c in USER_PROFILE_COLUMNS}
         lists = {c: np.zeros(0, np.int64) for c in USER_PROFILE_LISTS}
-    if override is not None:
-        for name, v in override.model_dump(exclude_none=True).items():
-            if isinstance(v, list):
-                lists[name] = np.asarray(v, np.int64)
-            else:
-                scalars[name] = int(v)
+    given = override.model_dump(exclude_none=True) if override is not None else {}
+    for name, v in {**(online or {}), **given}.items():
+        if isinstance(v, list):
+            lists[name] = np.asarray(v, np.int64)
+        else:
+            scalars[name] = int(v)
     return scalars, lists
 
 
@@ -363,6 +371,15 @@ class IngressCore:
             raise Unavailable("feature_store", f"feature store unavailable: {exc!r}"[:300]) from exc
         return EventAck(user_id=event.user_id, stored_events=n)
 
+    async def put_profile(self, update: ProfileUpdate) -> ProfileAck:
+        fields = update.profile.model_dump(exclude_none=True)
+        try:
+            await asyncio.wait_for(self.store.put_profile(update.user_id, fields), STORE_TIMEOUT_S)
+            stored = await asyncio.wait_for(self.store.get_profile(update.user_id), STORE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a 503 naming the store, not a 500
+            raise Unavailable("feature_store", f"feature store unavailable: {exc!r}"[:300]) from exc
+        return ProfileAck(user_id=update.user_id, profile=stored or {})
+
     # ------------------------------------------------------------------ the request path
 
     def _validate(self, req: RankRequest) -> None:
@@ -443,17 +460,27 @@ class IngressCore:
             override_candidates([first[int(x)] for x in ids], feats, lists)
         return feats, lists
 
-    def _profile(self, req: RankRequest) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-        """The user's profile: the export's table, overridden by the request's ``profile``."""
-        return user_profile(self.profiles, req.user_id, req.profile)
+    async def _stored_profile(self, user_id: int) -> dict:
+        """The user's online profile fields (feature store); {} when none or unreadable."""
+        try:
+            got = await asyncio.wait_for(self.store.get_profile(user_id), STORE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the export's table still answers
+            self.metrics.inc("unirank_errors", kind="feature_store", route="/rank")
+            logger.warning("task_type=%s feature store profile read failed", self.uc.name)
+            return {}
+        return got or {}
 
     async def rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
         uc = self.uc
         self._validate(req)
-        events, encoding = await asyncio.gather(
-            self._user_events(req.user_id), self._user_encoding(req.user_id)
+        events, encoding, online = await asyncio.gather(
+            self._user_events(req.user_id),
+            self._user_encoding(req.user_id),
+            self._stored_profile(req.user_id),
         )
-        key = cache_key(req, events)
+        # the export's profile table < the online profile < the request's own fields
+        profile, profile_lists = user_profile(self.profiles, req.user_id, online, req.profile)
+        key = cache_key(req, events, online)
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
             if hit is not None:
@@ -479,7 +506,6 @@ class IngressCore:
         fallback, precomputed = None, False
         if len(slate):
             now = now_s()
-            profile, profile_lists = self._profile(req)
             # A stored encoding counts only when fresher than the use-case's limit and no
             # event arrived after it; else the ranker encodes the events on the fly.
             status = "missing"

@@ -42,9 +42,6 @@ class RankInput:
     user_id: int
     # CANDIDATE_COLUMNS (+ item content columns, e.g. brand_id) -> (n,)
     candidates: dict[str, np.ndarray]
-    candidate_lists: dict[str, IdLists] = field(default_factory=dict)  # e.g. title_tokens
-    profile: dict[str, int] = field(default_factory=dict)  # e.g. region, age_band
-    profile_lists: dict[str, np.ndarray] = field(default_factory=dict)  # declared_interests
     events: Events = field(default_factory=Events.empty)
     source_item_id: int = 0
     query_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -55,6 +52,10 @@ class RankInput:
     # and why not (``missing`` / ``stale`` / ``outdated``): the ranker encodes on the fly.
     encoding: Encoding | None = None
     encoding_status: str = "missing"
+    # (after the older fields, so positional construction keeps working)
+    candidate_lists: dict[str, IdLists] = field(default_factory=dict)  # e.g. title_tokens
+    profile: dict[str, int] = field(default_factory=dict)  # e.g. region, age_band
+    profile_lists: dict[str, np.ndarray] = field(default_factory=dict)  # declared_interests
 
     def __len__(self) -> int:
         return len(self.candidates["item_id"])

@@ -24,9 +24,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_apps.bounds import MAX_LIST_IDS
+
 INT64_MAX = 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_LIST_IDS = 32  # ids per list feature of a candidate / profile (the model keeps <= 8)
 MAX_FIELD_ERRORS = 20  # an error body lists at most this many fields (plus the total count)
 
 ID = Field(ge=0, le=INT64_MAX)
@@ -132,6 +133,19 @@ class Event(_Strict):
     event_type: int = Field(default=1, ge=0, le=255)  # model.schema.EVENT_TYPES
     # unix seconds, prepare.min_event_time .. now + 1 day (checked by the ingress); default now
     timestamp: int | None = Field(default=None, ge=0, le=INT64_MAX)
+
+
+class ProfileUpdate(_Strict):
+    """``POST /profile``: set these fields of the user's online profile (feature store); the
+    fields left out keep their stored value, else the export's profile table's."""
+
+    user_id: int = ID
+    profile: UserProfile
+
+
+class ProfileAck(BaseModel):
+    user_id: int
+    profile: dict[str, int | list[int]]  # the user's stored online profile after the update
 
 
 class EventAck(BaseModel):

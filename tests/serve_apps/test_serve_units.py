@@ -166,6 +166,12 @@ def _store_contract(store, user: int) -> None:
         got = await store.get_encoding(user)
         np.testing.assert_array_equal(got.vector, enc.vector)
         assert got.last_event_ts == 1009 and await store.get_encoding(user + 1) is None
+        # online profile: fields are set one by one, the others kept
+        assert await store.get_profile(user) is None
+        await store.put_profile(user, {"region": 3, "declared_interests": [4, 5]})
+        await store.put_profile(user, {"region": 6, "age_band": 2})
+        got = await store.get_profile(user)
+        assert got == {"region": 6, "age_band": 2, "declared_interests": [4, 5]}
         assert await store.ping()
         await store.close()
 
@@ -281,6 +287,22 @@ def test_redis_store_keeps_time_order_and_repairs_histories(redis_url):
 
     assert asyncio.run(read()) is None
     assert reports == [(13, "encoding_unreadable", 1)] and not client.exists(f"{prefix}:enc:13")
+
+    # unreadable online-profile fields: reported and deleted, the readable ones kept
+    client.hset(f"{prefix}:profile:14", mapping={"region": "5", "age_band": "-1", "x": "{"})
+    reports.clear()
+    store = RedisFeatureStore(
+        redis_url, keep=8, prefix=prefix, on_repair=lambda *a: reports.append(a)
+    )
+
+    async def profile():
+        got = await store.get_profile(14)
+        await store.close()
+        return got
+
+    assert asyncio.run(profile()) == {"region": 5}
+    assert reports == [(14, "profile_unreadable", 2)]
+    assert client.hkeys(f"{prefix}:profile:14") == [b"region"]
     client.close()
 
 

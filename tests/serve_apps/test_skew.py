@@ -41,7 +41,7 @@ def served_inputs(s, test: pa.Table, blank: tuple[str, ...] = ()) -> list[RankIn
     for i in range(test.num_rows):
         ids = np.asarray([col["item_id"][i]], np.int64)
         feats, lists = catalogue_features(index, ids, col["task_type"][i])
-        profile, profile_lists = user_profile(profiles, col["user_id"][i], None)
+        profile, profile_lists = user_profile(profiles, col["user_id"][i])
         feats.pop("popularity")
         for d in (feats, lists, profile, profile_lists):
             for c in blank:
@@ -108,13 +108,14 @@ def test_unknown_items_and_users_get_the_placeholders_of_training(scorer_and_tes
     feats, lists = catalogue_features(load_index(s), np.asarray([10**15], np.int64), "ads")
     assert all(feats[c][0] == 0 for c in CONTENT[:3])
     assert all(len(lists[c].row(0)) == 0 for c in CONTENT[3:])
-    scalars, plists = user_profile(load_profiles(s), 10**15, None)
+    scalars, plists = user_profile(load_profiles(s), 10**15)
     assert scalars == {"region": 0, "age_band": 0}
     assert len(plists["declared_interests"]) == 0
-    # a request's profile overrides the table field by field
-    scalars, plists = user_profile(load_profiles(s), 1, UserProfile(age_band=3))
-    stored, _ = load_profiles(s).lookup(1)
-    assert scalars == {"region": stored["region"], "age_band": 3}
+    # field by field: the table < the online profile < the request's profile
+    table, table_lists = load_profiles(s).lookup(1)
+    scalars, plists = user_profile(load_profiles(s), 1, {"region": 9}, UserProfile(age_band=3))
+    assert scalars == {"region": 9, "age_band": 3} != table
+    assert plists["declared_interests"].tolist() == table_lists["declared_interests"].tolist()
 
 
 def test_request_content_and_profile_reach_the_model(apps):
@@ -136,6 +137,25 @@ def test_request_content_and_profile_reach_the_model(apps):
     tier = lambda v: [{"item_id": 5, "price_tier": v}, {"item_id": 6, "price_tier": v}]  # noqa: E731
     assert scores(candidates=tier(top)) == scores(candidates=tier(0))
     assert scores(profile={"age_band": top}) == scores(profile={"age_band": 0})
+
+
+def test_an_online_profile_update_reaches_the_model_and_busts_the_cache(apps):
+    """POST /profile stores fields in the feature store; the next ranking uses them (not
+    the cached answer), and the request's own ``profile`` still wins."""
+    body = {"user_id": 4, "candidates": [{"item_id": 5}, {"item_id": 6}], "context": {"hour": 2}}
+    before = post(apps, "notifications", body).json()
+    r = post(
+        apps, "notifications", {"user_id": 4, "profile": {"declared_interests": [7, 8]}}, "/profile"
+    )
+    assert r.status_code == 200 and r.json()["profile"] == {"declared_interests": [7, 8]}, r.text
+    after = post(apps, "notifications", body).json()
+    assert not after["cached"] and after["items"] != before["items"]
+    again = post(apps, "notifications", {**body, "profile": {"declared_interests": [7, 8]}})
+    assert [i["score"] for i in again.json()["items"]] == [i["score"] for i in after["items"]]
+    bad = post(apps, "notifications", {"user_id": 4, "profile": {"age_band": -2}}, "/profile")
+    assert bad.status_code == 422 and "profile.age_band" in [
+        f["field"] for f in bad.json()["fields"]
+    ]
 
 
 @pytest.fixture(scope="module")
