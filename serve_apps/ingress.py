@@ -35,20 +35,16 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from model.id_lists import IdLists
-from model.retrieval_index import SERVED_ITEM_FEATURES
-from model.schema import ITEM_CONTENT_LISTS, USER_PROFILE_COLUMNS, USER_PROFILE_LISTS
-from model.user_profiles import PROFILE_FILE, UserProfiles
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
 from serve_apps.deploy_config import INGRESS_DEPLOYMENT
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
+from serve_apps.request_features import candidate_features, load_profiles, user_profile
 from serve_apps.retrieval import RetrievalIndex
 from serve_apps.rows import RankInput
 from serve_apps.rules import RuleContext, Slate, load_rules, sort_by_score, with_scores
 from serve_apps.schemas import (
-    Candidate,
     Event,
     EventAck,
     Fallback,
@@ -57,7 +53,6 @@ from serve_apps.schemas import (
     RankRequest,
     RankResponse,
     ScoredItem,
-    UserProfile,
 )
 from serve_apps.settings import AppSettings
 
@@ -187,83 +182,6 @@ def load_index(s: AppSettings) -> RetrievalIndex | None:
         if s.use_case.retrieval != "request" or s.use_case.fallback == "popularity":
             raise
         return None  # request-supplied candidates, no fallback: the index is optional
-
-
-def load_profiles(s: AppSettings) -> UserProfiles | None:
-    """The user-profile table exported with the model (``<model dir>/user_profiles.npz``);
-    None for a model exported without one (its users then get profile placeholders, unless
-    the request sends a ``profile``)."""
-    from serve_apps.model_store import resolve_model_dir
-
-    path = resolve_model_dir(s.model_uri, s.cfg) / PROFILE_FILE
-    return UserProfiles.load(path) if path.is_file() else None
-
-
-def catalogue_features(
-    index: RetrievalIndex | None, ids: np.ndarray, task_type: str
-) -> tuple[dict[str, np.ndarray], dict[str, IdLists]]:
-    """The candidates' item features as ``task_type``'s training rows carried them (+
-    ``popularity``) and their content lists; all placeholders without an index."""
-    n = len(ids)
-    if index is not None:
-        feats = index.features(ids, task_type=task_type)
-        lists = index.lists(ids)
-    else:
-        feats = {k: np.zeros(n, np.int64) for k in SERVED_ITEM_FEATURES}
-        feats["price"] = np.full(n, np.nan, np.float32)
-        feats["advertiser_reliability"] = np.full(n, np.nan, np.float32)
-        feats["popularity"] = np.zeros(n, np.float32)
-        lists = {k: IdLists.empty(n) for k in ITEM_CONTENT_LISTS}
-    feats["item_id"] = np.asarray(ids, np.int64)
-    return feats, lists
-
-
-def override_candidates(
-    given: list[Candidate], feats: dict[str, np.ndarray], lists: dict[str, IdLists]
-) -> None:
-    """Per candidate (aligned with the feature rows), the fields the request sent replace
-    the catalogue's (in place)."""
-    for name in Candidate.model_fields:
-        if name == "item_id":
-            continue
-        values = [getattr(c, name) for c in given]
-        if all(v is None for v in values):
-            continue
-        if name in lists or name in ITEM_CONTENT_LISTS:
-            old = lists.get(name, IdLists.empty(len(given)))
-            rows = old.rows()
-            lists[name] = IdLists.from_rows(
-                [rows[i] if v is None else v for i, v in enumerate(values)]
-            )
-        else:
-            col = feats[name].copy()
-            for i, v in enumerate(values):
-                if v is not None:
-                    col[i] = v
-            feats[name] = col
-
-
-def user_profile(
-    profiles: UserProfiles | None,
-    user_id: int,
-    online: dict | None = None,
-    override: UserProfile | None = None,
-) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-    """(scalar, list) profile columns of a user: the profile table's (placeholders for an
-    unknown user, as in training), then the online profile's fields (feature store), then the
-    request's."""
-    if profiles is not None:
-        scalars, lists = profiles.lookup(user_id)
-    else:
-        scalars = {c: 0 for c in USER_PROFILE_COLUMNS}
-        lists = {c: np.zeros(0, np.int64) for c in USER_PROFILE_LISTS}
-    given = override.model_dump(exclude_none=True) if override is not None else {}
-    for name, v in {**(online or {}), **given}.items():
-        if isinstance(v, list):
-            lists[name] = np.asarray(v, np.int64)
-        else:
-            scalars[name] = int(v)
-    return scalars, lists
 
 
 class IngressCore:
@@ -447,19 +365,6 @@ class IngressCore:
             return idx.eligible_ads(req.campaign_ids, limit)
         raise RequestError(422, "candidates are required", "candidates")
 
-    def _candidate_features(
-        self, req: RankRequest, ids: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], dict[str, IdLists]]:
-        """Catalogue features and content lists (placeholders for unknown items, as for a
-        cold-start item in training), overridden by what the request supplies."""
-        feats, lists = catalogue_features(self.index, ids, self.uc.name)
-        if req.candidates is not None:
-            first: dict[int, Any] = {}
-            for c in req.candidates:
-                first.setdefault(c.item_id, c)
-            override_candidates([first[int(x)] for x in ids], feats, lists)
-        return feats, lists
-
     async def _stored_profile(self, user_id: int) -> dict:
         """The user's online profile fields (feature store); {} when none or unreadable."""
         try:
@@ -489,7 +394,7 @@ class IngressCore:
             self.metrics.inc("unirank_cache_misses")
 
         ids = _unique(self._retrieve(req))[: uc.max_candidates]
-        feats, lists = self._candidate_features(req, ids)
+        feats, lists = candidate_features(self.index, uc, req, ids)
         ctx = RuleContext(
             use_case=uc,
             seen_item_ids=frozenset(int(x) for x in events.item_ids),

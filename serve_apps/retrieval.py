@@ -113,6 +113,27 @@ class RetrievalIndex:
         pos = np.searchsorted(self.items, ids).clip(max=max(len(self.items) - 1, 0))
         return np.where(self.items[pos] == ids, pos, -1) if len(self.items) else -np.ones_like(ids)
 
+    def known(self, item_ids: np.ndarray, task_type: str | None = None) -> np.ndarray:
+        """Whether each id is in the catalogue (with ``task_type``: in that task_type's
+        training rows, whose features it is then served with)."""
+        pos = self.positions(item_ids)
+        if task_type is None:
+            return pos >= 0
+        return self._in_task_type(pos, task_type)[0]
+
+    def _in_task_type(self, pos: np.ndarray, task_type: str):
+        """(whether each catalogue position has rows of ``task_type``, the index of its
+        values within that task_type's ``tt:`` slice, the slice)."""
+        k = self._tt.get(task_type, -1)
+        if k < 0:
+            return np.zeros(len(pos), bool), np.zeros(len(pos), np.int64), slice(0, 0)
+        lo, hi = self.a["tt_indptr"][k : k + 2]
+        tt_pos = self.a["tt_pos"][lo:hi]
+        if not len(tt_pos):
+            return np.zeros(len(pos), bool), np.zeros(len(pos), np.int64), slice(lo, hi)
+        j = np.searchsorted(tt_pos, pos).clip(max=len(tt_pos) - 1)
+        return (pos >= 0) & (tt_pos[j] == pos), j, slice(lo, hi)
+
     def features(self, item_ids: np.ndarray, task_type: str | None = None) -> dict[str, np.ndarray]:
         """Catalogue features of each id + popularity; unknown items get the placeholder (0,
         NaN for floats). With ``task_type``: an item that appeared in that task_type's
@@ -122,19 +143,14 @@ class RetrievalIndex:
         pos = self.positions(item_ids)
         known = pos >= 0
         safe = np.maximum(pos, 0)
-        k = self._tt.get(task_type, -1) if task_type is not None else -1
-        if k >= 0:
-            lo, hi = self.a["tt_indptr"][k : k + 2]
-            tt_pos = self.a["tt_pos"][lo:hi]
-            j = np.searchsorted(tt_pos, pos).clip(max=max(len(tt_pos) - 1, 0))
-            in_tt = known & (tt_pos[j] == pos) if len(tt_pos) else np.zeros(len(pos), bool)
+        in_tt, j, tt = self._in_task_type(pos, task_type) if task_type is not None else (None,) * 3
         out = {}
         for name in self.feature_names:
             arr = self.a[f"feat:{name}"]
             fill = np.nan if arr.dtype.kind == "f" else 0
             col = np.where(known, arr[safe], fill).astype(arr.dtype)
-            if k >= 0:
-                col = np.where(in_tt, self.a[f"tt:{name}"][lo:hi][j], col).astype(arr.dtype)
+            if in_tt is not None and in_tt.any():
+                col = np.where(in_tt, self.a[f"tt:{name}"][tt][j], col).astype(arr.dtype)
             out[name] = col
         for name in SERVED_ITEM_FEATURES:
             if name not in out:

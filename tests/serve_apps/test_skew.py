@@ -19,88 +19,163 @@ from model.id_lists import IdLists
 from model.retrieval_index import INDEX_FILE, IndexArrays, IndexColumns, build_index
 from model.user_profiles import PROFILE_FILE, ProfileColumns, UserProfiles, build_profiles
 from serve_apps.bootstrap import export_untrained, sample_rows
+from serve_apps.deploy_config import load_use_cases
 from serve_apps.feature_store import Events
-from serve_apps.ingress import catalogue_features, load_index, load_profiles, user_profile
+from serve_apps.ingress import load_index
 from serve_apps.ranker import ModelScorer
+from serve_apps.request_features import (
+    candidate_features,
+    catalogue_features,
+    load_profiles,
+    user_profile,
+)
 from serve_apps.retrieval import RetrievalIndex
 from serve_apps.rows import RankInput
-from serve_apps.schemas import UserProfile
-from tests.serve_apps.ingress_helpers import make_apps, post, settings
+from serve_apps.schemas import Candidate, Context, RankRequest, UserProfile
+from tests.serve_apps.ingress_helpers import REPO, make_apps, post, settings
 
 pytestmark = pytest.mark.unit
+
 CONTENT = ["brand_id", "price_tier", "release_year_bucket", "title_tokens", "item_categories"]
 PROFILE = ["region", "age_band", "declared_interests"]
 
 
+USE_CASES = {uc.name: uc for uc in load_use_cases(REPO / "configs" / "use_cases")}
+
+
+def request_of(row: dict) -> RankRequest:
+    """What a client sends for a logged row: the item id, the context, and the request-level
+    fields of its use-case (browsed category, source item, query)."""
+    browse = row["task_type"] == "category"
+    return RankRequest(
+        user_id=row["user_id"],
+        candidates=[Candidate(item_id=row["item_id"])],
+        category_id=row["category_id"] if browse else None,
+        source_item_id=row["source_item_id"] or None,
+        query_tokens=row["query_tokens"] or None,
+        context=Context(device=row["device"], hour=row["hour"], surface=row["surface"]),
+    )
+
+
 def served_inputs(s, test: pa.Table, blank: tuple[str, ...] = ()) -> list[RankInput]:
-    """One RankInput per logged row, built the way the ingress builds it; ``blank`` columns
-    are dropped (the skew this change removes: the model gets their placeholders)."""
+    """One RankInput per logged row, its features filled as the ingress fills them
+    (serve_apps.request_features); ``blank`` columns are dropped (what serving sent before:
+    the model then gets their placeholders)."""
     index, profiles = load_index(s), load_profiles(s)
-    col = {c: test[c].to_pylist() for c in test.column_names}
     out = []
-    for i in range(test.num_rows):
-        ids = np.asarray([col["item_id"][i]], np.int64)
-        feats, lists = catalogue_features(index, ids, col["task_type"][i])
-        profile, profile_lists = user_profile(profiles, col["user_id"][i])
+    for row in test.to_pylist():
+        req = request_of(row)
+        uc = USE_CASES[row["task_type"]]
+        ids = np.asarray([row["item_id"]], np.int64)
+        feats, lists = candidate_features(index, uc, req, ids)
+        profile, profile_lists = user_profile(profiles, req.user_id, None, req.profile)
         feats.pop("popularity")
         for d in (feats, lists, profile, profile_lists):
             for c in blank:
                 d.pop(c, None)
-        now = int(col["event_time"][i].timestamp())
-        events = Events(
-            np.asarray(col["seq_item_ids"][i], np.int64),
-            np.asarray(col["seq_event_types"][i], np.int64),
-            np.asarray(col["seq_timestamps"][i], np.int64),
-        )
         out.append(
             RankInput(
-                task_type=col["task_type"][i],
-                now=now,
-                user_id=col["user_id"][i],
+                task_type=uc.name,
+                now=int(row["event_time"].timestamp()),  # the row's time: the events' age
+                user_id=req.user_id,
                 candidates=feats,
+                events=Events(
+                    np.asarray(row["seq_item_ids"], np.int64),
+                    np.asarray(row["seq_event_types"], np.int64),
+                    np.asarray(row["seq_timestamps"], np.int64),
+                ),
+                source_item_id=req.source_item_id or 0,
+                query_tokens=np.asarray(req.query_tokens or [], np.int64),
+                device=req.context.device,
+                hour=req.context.hour,
+                surface=req.context.surface,
                 candidate_lists=lists,
                 profile=profile,
                 profile_lists=profile_lists,
-                events=events,
-                source_item_id=col["source_item_id"][i],
-                query_tokens=np.asarray(col["query_tokens"][i], np.int64),
-                device=col["device"][i],
-                hour=col["hour"][i],
-                surface=col["surface"][i],
             )
         )
     return out
+
+
+def max_skew(scorer: ModelScorer, s, test: pa.Table, blank: tuple[str, ...] = ()) -> float:
+    """Largest |served - logged| probability over every task and row."""
+    logged = scorer.predictor.predict(test)  # {task: (n,)} the training-side feature path
+    served = scorer.score(served_inputs(s, test, blank))  # one batched call, encoded users
+    return max(
+        float(np.max(np.abs(np.concatenate([o[t] for o in served]) - logged[t]))) for t in logged
+    )
+
+
+def seen(s, test: pa.Table) -> pa.Table:
+    """The rows whose item was in its use-case's training rows and whose user was known."""
+    index, profiles = load_index(s), load_profiles(s)
+    tt, item = test["task_type"].to_pylist(), test["item_id"].to_numpy()
+    ok = [
+        bool(index.known(item[i : i + 1], t)[0]) and profiles.position(u) >= 0
+        for i, (t, u) in enumerate(zip(tt, test["user_id"].to_pylist(), strict=True))
+    ]
+    return test.filter(pa.array(ok))
 
 
 @pytest.fixture(scope="module")
 def scorer_and_test(exported):
     model_dir, cfg = exported
     s = settings(model_dir, cfg, "ads")
-    scorer = ModelScorer(s)
     # rows the model was not fitted on, from the same items and users
-    test = sample_rows(300, seed=99, task_types=tuple(cfg.dataset.task_types))
-    index, profiles = load_index(s), load_profiles(s)
-    seen = (index.positions(test["item_id"].to_numpy()) >= 0) & np.array(
-        [profiles.position(u) >= 0 for u in test["user_id"].to_pylist()]
-    )
-    return s, scorer, test.filter(pa.array(seen))
+    test = sample_rows(300, seed=99)  # the five use-cases of configs/use_cases
+    return s, ModelScorer(s), seen(s, test)
 
 
 def test_served_scores_equal_the_scores_of_the_logged_rows(scorer_and_test):
     s, scorer, test = scorer_and_test
     assert test.num_rows > 200  # nearly every test row's item and user were seen
-    logged = scorer.predictor.predict(test)  # {task: (n,)} the training-side feature path
-    served = scorer.score(served_inputs(s, test))  # one input per row, one batched call
-    diff = max(
-        float(np.max(np.abs(np.concatenate([o[t] for o in served]) - logged[t]))) for t in logged
-    )
-    print(f"skew: max |served - logged| probability over {test.num_rows} rows: {diff:.2e}")
+    diff = max_skew(scorer, s, test)
+    print(f"skew (bootstrap rows): max |served - logged| over {test.num_rows} rows: {diff:.2e}")
     assert diff < 1e-5
     # The check can fail: without the catalogue's content and the profile table (what
     # serving sent before), the same rows score differently.
-    blank = scorer.score(served_inputs(s, test, blank=(*CONTENT, *PROFILE)))
-    moved = np.abs(np.concatenate([o["click"] for o in blank]) - logged["click"])
-    assert moved.max() > 1e-3
+    assert max_skew(scorer, s, test, blank=(*CONTENT, *PROFILE)) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def generated(serving_cfg, tmp_path_factory):
+    """Generated logs (ray_jobs.synthetic, in process): the older 75% fit an (untrained)
+    export and build its catalogue and profile table, the newest 25% are the test split."""
+    from ray_jobs.synthetic import World, generate_chunk, num_chunks
+
+    make_cfg, _ = serving_cfg
+    cfg = make_cfg(
+        "generate.num_impressions=6000",
+        "generate.rows_per_chunk=3000",
+        "generate.num_users=200",
+        "generate.num_items=600",
+        "generate.days=7",
+    )
+    world = World.build(cfg.generate)
+    chunks = range(num_chunks(cfg.generate))
+    logs = pa.concat_tables([generate_chunk(world, c)["impressions"] for c in chunks])
+    logs = logs.sort_by("event_time")
+    cut = int(logs.num_rows * 0.75)
+    train, test = logs.slice(0, cut), logs.slice(cut)
+    model_dir = export_untrained(tmp_path_factory.mktemp("generated") / "model", cfg, train)
+    build_index(train, model_dir / INDEX_FILE, IndexColumns.from_config(cfg.dataset))
+    build_profiles(train, model_dir / PROFILE_FILE, ProfileColumns.from_config(cfg.dataset))
+    s = settings(model_dir, cfg, "ads")
+    return s, ModelScorer(s), test
+
+
+def test_no_skew_on_a_catalogue_built_from_generated_logs(generated):
+    """Every use-case of the generator, the category browse one included (its rows log the
+    browsed category, not the item's), scores as its logged rows."""
+    s, scorer, test = generated
+    rows = seen(s, test)
+    assert rows.num_rows > 0.5 * test.num_rows
+    rows = rows.take(np.arange(0, rows.num_rows, 4))  # every 4th row: enough, and fast
+    assert set(rows["task_type"].to_pylist()) == set(USE_CASES) - {"homefeed"}
+    diff = max_skew(scorer, s, rows)
+    print(f"skew (generated logs): max |served - logged| over {rows.num_rows} rows: {diff:.2e}")
+    assert diff < 1e-5
+    assert max_skew(scorer, s, rows, blank=(*CONTENT, *PROFILE)) > 1e-3
 
 
 def test_unknown_items_and_users_get_the_placeholders_of_training(scorer_and_test):
