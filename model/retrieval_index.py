@@ -139,27 +139,14 @@ class IndexArrays:
         return IdLists.stored(self.arrays, f"list:{name}")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez(f, meta=np.array(json.dumps(self.meta)), **self.arrays)
-        return path
+        return write_npz(path, self.arrays, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> IndexArrays:
         """Read an index file; one written before ``meta`` existed reads as the unified
         features, catalogue only."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise RetrievalError(
-                f"retrieval index {path} does not exist; build it with "
-                f"`python -m model.retrieval_index DATA -o {path}`"
-            ) from None
-        except (ValueError, OSError) as exc:  # not an npz, truncated, or pickled objects
-            raise RetrievalError(f"retrieval index {path} cannot be read: {exc}") from None
-        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+        hint = f"build it with `python -m model.retrieval_index DATA -o {path}`"
+        arrays, meta = read_npz(path, "retrieval index", hint)
         if "items" not in arrays:
             raise RetrievalError(f"retrieval index {path} has no 'items' array")
         if not meta:  # format 1: features stored under their bare names
@@ -168,6 +155,31 @@ class IndexArrays:
                 if name in arrays:
                     arrays[f"feat:{name}"] = arrays.pop(name)
         return cls(arrays, meta)
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Arrays + JSON metadata as one ``.npz`` (no pickles)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def read_npz(path: str | Path, what: str, hint: str = "") -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata ({} when the file has none)) of a ``write_npz`` file;
+    :class:`RetrievalError` naming ``what`` and the path when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise RetrievalError(
+            f"{what} {path} does not exist" + (f"; {hint}" if hint else "")
+        ) from None
+    except (ValueError, OSError) as exc:  # not an npz, truncated, or pickled objects
+        raise RetrievalError(f"{what} {path} cannot be read: {exc}") from None
+    meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+    return arrays, meta
 
 
 # --------------------------------------------------------------------------- reading

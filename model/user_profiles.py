@@ -23,7 +23,6 @@ The file (one ``.npz``, no pickles): ``users`` (U,) sorted int64 ids (string ids
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,14 @@ import pyarrow.dataset as ds
 
 from model.config import DatasetConfig
 from model.id_lists import IdLists, newest
-from model.retrieval_index import RetrievalError, _ids, open_source, row_rank
+from model.retrieval_index import (
+    RetrievalError,
+    _ids,
+    open_source,
+    read_npz,
+    row_rank,
+    write_npz,
+)
 from model.schema import USER_PROFILE_COLUMNS, USER_PROFILE_LISTS
 
 PROFILE_FILE = "user_profiles.npz"
@@ -96,24 +102,13 @@ class UserProfiles:
         return scalars, lists
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez(f, meta=np.array(json.dumps(self.meta)), **self.arrays)
-        return path
+        return write_npz(path, self.arrays, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> UserProfiles:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise RetrievalError(f"user-profile table {path} does not exist") from None
-        except (ValueError, OSError) as exc:
-            raise RetrievalError(f"user-profile table {path} cannot be read: {exc}") from None
-        if "users" not in arrays or "meta" not in arrays:
+        arrays, meta = read_npz(path, "user-profile table")
+        if "users" not in arrays or not meta:
             raise RetrievalError(f"user-profile table {path} has no 'users' / 'meta' array")
-        meta = json.loads(str(arrays.pop("meta")))
         for c in meta.get("features", []):
             if f"col:{c}" not in arrays:
                 raise RetrievalError(f"user-profile table {path}: column {c!r} is missing")
