@@ -94,7 +94,7 @@ def to_columns(inputs: list[RankInput]) -> dict[str, object]:
         cols[name] = np.concatenate(parts) if parts else np.zeros(0)
     for name in dict.fromkeys(k for x in inputs for k in x.candidate_lists):
         parts = [x.candidate_lists.get(name) or IdLists.empty(len(x)) for x in inputs]
-        cols[name] = IdLists.concat(parts).rows()
+        cols[name] = IdLists.concat(parts).to_arrow()
     for name in dict.fromkeys(k for x in inputs for k in x.profile):
         cols[name] = per_row([x.profile.get(name, 0) for x in inputs]).astype(np.int64)
     empty = np.zeros(0, np.int64)
