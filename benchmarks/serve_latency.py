@@ -43,6 +43,7 @@ from model.config import load_config  # noqa: E402
 from model.export import load_predictor  # noqa: E402
 from serve_apps.deploy_config import RANKER_DEPLOYMENT, build_serve_config, load_use_cases  # noqa: E402
 from serve_apps.feature_store import Events  # noqa: E402
+from serve_apps.request_features import catalogue_features  # noqa: E402
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex  # noqa: E402
 from serve_apps.rows import RankInput, to_columns  # noqa: E402
 from serve_apps.run import bootstrap_model, deploy  # noqa: E402
@@ -132,17 +133,18 @@ def in_process(model_dir: Path, name: str, reqs: list[dict], index, batch: int, 
     inputs = []
     for b in reqs[:batch]:
         ids = np.array([c["item_id"] for c in b["candidates"]], dtype=np.int64)
-        f = index.features(ids)
-        cands = {k: f[k] for k in ("category_id", "advertiser_id", "campaign_id", "price")}
-        cands["advertiser_reliability"] = f["advertiser_reliability"]
+        # the catalogue's features and content lists, as the ingress fills them
+        feats, lists = catalogue_features(index, ids, name)
+        feats.pop("popularity")
         inputs.append(
             RankInput(
                 name,
                 int(time.time()),
                 b["user_id"],
-                {"item_id": ids, **cands},
+                feats,
                 Events.empty(),
                 hour=12,
+                candidate_lists=lists,
             )
         )
     pred.predict(to_columns(inputs))  # warm-up
