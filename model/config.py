@@ -200,9 +200,25 @@ class CatalogueSpec(_Strict):
             "campaign_id",
             "price",
             "advertiser_reliability",
+            # item content (model.schema.ITEM_CONTENT_COLUMNS)
+            "brand_id",
+            "price_tier",
+            "release_year_bucket",
         ]
     )
+    # list<int> item content, kept per item when the feature spec reads it
+    item_lists: list[str] = Field(default_factory=lambda: ["title_tokens", "item_categories"])
     popularity_label: str | None = None
+
+
+class ProfileSpec(_Strict):
+    """Which columns the user-profile table (model.user_profiles, written by ray_jobs.export
+    next to the retrieval index) keeps per user: each user's newest training row. Columns the
+    feature spec does not read, or the data lacks, are left out (named in its metadata)."""
+
+    user_column: str = "user_id"
+    features: list[str] = Field(default_factory=lambda: ["region", "age_band"])
+    lists: list[str] = Field(default_factory=lambda: ["declared_interests"])
 
 
 class DatasetConfig(_Strict):
@@ -220,6 +236,7 @@ class DatasetConfig(_Strict):
     features: FeatureSpec = Field(default_factory=default_feature_spec)
     tasks: list[TaskSpec] = Field(default_factory=default_tasks)
     catalogue: CatalogueSpec = Field(default_factory=CatalogueSpec)
+    profiles: ProfileSpec = Field(default_factory=ProfileSpec)
 
     @model_validator(mode="after")
     def _unique_tasks(self) -> DatasetConfig:

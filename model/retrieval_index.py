@@ -27,6 +27,11 @@ The file (one ``.npz``, no pickles) holds:
   task_type (as this index once did) gave the ads use-case candidates without advertiser and
   campaign whenever that row came from another use-case: features training never paired with
   ads. Serving asks ``features(ids, task_type)`` and gets the ads rows' values for ads;
+- ``list:<column>:offsets`` (N+1,) / ``list:<column>:values``: each item's content lists
+  (title tokens, its own categories; ``IndexColumns.lists``) in CSR form
+  (``model.id_lists.IdLists``), from the item's newest row that logged a non-empty list.
+  Content describes the item, not the use-case, so it is kept once per item; the scalar
+  content columns (brand, price tier, release year) are item features like the ones above;
 - ``co_keys/co_indptr/co_items/co_weight``: item -> items seen within ``window`` positions in
   users' sequences, plus clicked (source, item) pairs of the ``related_items`` task_type;
 - ``tok_keys/tok_indptr/tok_items/tok_weight``: query token -> items shown for it;
@@ -53,9 +58,11 @@ import pyarrow.dataset as ds
 
 from model.config import DatasetConfig
 from model.hashing import is_string_type, string_ids
+from model.id_lists import IdLists, newest, newest_lists
+from model.schema import ITEM_CONTENT_COLUMNS, ITEM_CONTENT_LISTS
 
 INDEX_FILE = "retrieval.npz"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: item content lists (list:<column>:*); 2: per-task_type features
 # The unified item features; an index built before FORMAT_VERSION 2 holds exactly these.
 UNIFIED_ITEM_FEATURES = (
     "category_id",
@@ -64,6 +71,8 @@ UNIFIED_ITEM_FEATURES = (
     "price",
     "advertiser_reliability",
 )
+# The item features serving always fills (placeholders when the index lacks one).
+SERVED_ITEM_FEATURES = (*UNIFIED_ITEM_FEATURES, *ITEM_CONTENT_COLUMNS)
 RELATED_TASK_TYPE = "related_items"  # its clicked (source_item, item) pairs are neighbours
 
 
@@ -76,7 +85,8 @@ class IndexColumns:
     """The columns an index is built from; ``None``: the dataset has no such column."""
 
     item: str = "item_id"
-    features: tuple[str, ...] = UNIFIED_ITEM_FEATURES
+    features: tuple[str, ...] = SERVED_ITEM_FEATURES
+    lists: tuple[str, ...] = tuple(ITEM_CONTENT_LISTS)
     task_type: str | None = "task_type"
     time: str | None = "event_time"
     label: str | None = "click"
@@ -88,9 +98,12 @@ class IndexColumns:
     def from_config(cls, dataset: DatasetConfig) -> IndexColumns:
         f, c = dataset.features, dataset.catalogue
         label = c.popularity_label or (dataset.tasks[0].column if dataset.tasks else None)
+        # Only the content lists the model reads are worth storing.
+        model_reads = {x.name for x in f.categorical if x.multi}
         return cls(
             item=c.item_column,
             features=tuple(c.item_features),
+            lists=tuple(x for x in c.item_lists if x in model_reads),
             task_type=f.task_type_column,
             time=f.time_column,
             label=label,
@@ -98,7 +111,7 @@ class IndexColumns:
         )
 
     def wanted(self) -> list[str]:
-        named = [self.item, *self.features, self.task_type, self.time, self.label]
+        named = [self.item, *self.features, *self.lists, self.task_type, self.time, self.label]
         named += [self.sequence, self.source_item, self.query]
         return list(dict.fromkeys(c for c in named if c is not None))
 
@@ -117,28 +130,23 @@ class IndexArrays:
     def feature_names(self) -> list[str]:
         return list(self.meta.get("features", UNIFIED_ITEM_FEATURES))
 
+    @property
+    def list_names(self) -> list[str]:
+        return list(self.meta.get("lists", []))
+
+    def item_lists(self, name: str) -> IdLists:
+        """The content list ``name`` of every catalogue item, in catalogue order."""
+        return IdLists.stored(self.arrays, f"list:{name}")
+
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez(f, meta=np.array(json.dumps(self.meta)), **self.arrays)
-        return path
+        return write_npz(path, self.arrays, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> IndexArrays:
         """Read an index file; one written before ``meta`` existed reads as the unified
         features, catalogue only."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise RetrievalError(
-                f"retrieval index {path} does not exist; build it with "
-                f"`python -m model.retrieval_index DATA -o {path}`"
-            ) from None
-        except (ValueError, OSError) as exc:  # not an npz, truncated, or pickled objects
-            raise RetrievalError(f"retrieval index {path} cannot be read: {exc}") from None
-        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+        hint = f"build it with `python -m model.retrieval_index DATA -o {path}`"
+        arrays, meta = read_npz(path, "retrieval index", hint)
         if "items" not in arrays:
             raise RetrievalError(f"retrieval index {path} has no 'items' array")
         if not meta:  # format 1: features stored under their bare names
@@ -149,22 +157,54 @@ class IndexArrays:
         return cls(arrays, meta)
 
 
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Arrays + JSON metadata as one ``.npz`` (no pickles)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def read_npz(path: str | Path, what: str, hint: str = "") -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata ({} when the file has none)) of a ``write_npz`` file;
+    :class:`RetrievalError` naming ``what`` and the path when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise RetrievalError(
+            f"{what} {path} does not exist" + (f"; {hint}" if hint else "")
+        ) from None
+    except (ValueError, OSError) as exc:  # not an npz, truncated, or pickled objects
+        raise RetrievalError(f"{what} {path} cannot be read: {exc}") from None
+    meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+    return arrays, meta
+
+
 # --------------------------------------------------------------------------- reading
+
+
+def open_source(
+    source: Sequence[str | Path] | pa.Table | ds.Dataset,
+) -> tuple[pa.Table | ds.Dataset, str]:
+    """Training rows as a table or a lazy parquet dataset, and how to name them in errors."""
+    if isinstance(source, pa.Table | ds.Dataset):
+        return source, "table"
+    paths = [str(s) for s in source]
+    try:
+        return ds.dataset(paths if len(paths) > 1 else paths[0], format="parquet"), (
+            f"parquet at {paths}"
+        )
+    except (FileNotFoundError, pa.ArrowInvalid) as exc:
+        raise RetrievalError(f"cannot read parquet from {paths}: {exc}") from None
 
 
 def read_table(
     source: Sequence[str | Path] | pa.Table | ds.Dataset, columns: IndexColumns
 ) -> tuple[pa.Table, dict[str, str]]:
     """The index's columns that ``source`` has, and {column: why it is left out}."""
-    if isinstance(source, pa.Table | ds.Dataset):
-        data, where = source, "table"
-    else:
-        paths = [str(s) for s in source]
-        where = f"parquet at {paths}"
-        try:
-            data = ds.dataset(paths if len(paths) > 1 else paths[0], format="parquet")
-        except (FileNotFoundError, pa.ArrowInvalid) as exc:
-            raise RetrievalError(f"cannot read parquet from {paths}: {exc}") from None
+    data, where = open_source(source)
     names = set(data.schema.names)
     if columns.item not in names:
         raise RetrievalError(
@@ -177,6 +217,10 @@ def read_table(
     for name in columns.features:
         if name in present and not _is_scalar(table.schema.field(name).type):
             skipped[name] = f"type {table.schema.field(name).type}: not a scalar item feature"
+    for name in columns.lists:
+        t = table.schema.field(name).type if name in present else None
+        if t is not None and not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            skipped[name] = f"type {t}: not a list item feature"
     return table, skipped
 
 
@@ -215,12 +259,18 @@ def _values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- building
 
 
-def _newest(group: np.ndarray, rank: np.ndarray, rows: np.ndarray):
-    """Among ``rows``, the newest (highest ``rank``) row of each group: (groups, rows)."""
-    g = group[rows]
-    o = np.lexsort((rank[rows], g))
-    last = np.r_[g[o][1:] != g[o][:-1], True] if len(o) else np.zeros(0, bool)
-    return g[o][last], rows[o][last]
+def row_rank(t: pa.Table, time: str | None, skipped: dict[str, str]) -> np.ndarray:
+    """(n,) newer rows rank higher: by the time column, else by row order (noted in
+    ``skipped`` when the time column has an unusable type)."""
+    rank = np.arange(t.num_rows)
+    if time in t.column_names:
+        tcol = t[time]
+        if pa.types.is_timestamp(tcol.type) or pa.types.is_integer(tcol.type):
+            times = pc.fill_null(pc.cast(tcol, pa.int64()), -(2**62)).to_numpy()
+            rank = np.argsort(np.argsort(times, kind="stable"), kind="stable")
+        else:
+            skipped[time] = f"type {tcol.type}: newest rows are taken in row order"
+    return rank
 
 
 def _csr(keys: np.ndarray, values: np.ndarray, weights: np.ndarray, top: int):
@@ -267,15 +317,7 @@ def build_index(
         if columns.label in has
         else np.zeros(n)
     )
-    # rank: newer rows rank higher (by the time column, else by row order)
-    rank = np.arange(n)
-    if columns.time in has:
-        tcol = t[columns.time]
-        if pa.types.is_timestamp(tcol.type) or pa.types.is_integer(tcol.type):
-            times = pc.fill_null(pc.cast(tcol, pa.int64()), -(2**62)).to_numpy()
-            rank = np.argsort(np.argsort(times, kind="stable"), kind="stable")
-        else:
-            skipped[columns.time] = f"type {tcol.type}: newest rows are taken in row order"
+    rank = row_rank(t, columns.time, skipped)
     items, pos = np.unique(item, return_inverse=True)  # pos: row -> catalogue position
     popularity = np.bincount(pos, weights=(label > 0) + 0.1, minlength=len(items))
     arrays: dict[str, np.ndarray] = {
@@ -289,9 +331,15 @@ def build_index(
     for name, (v, real) in values.items():
         fill = np.nan if v.dtype.kind == "f" else 0
         col = np.full(len(items), fill, dtype=v.dtype)
-        g, rows = _newest(pos, rank, np.flatnonzero(real))
+        g, rows = newest(pos, rank, np.flatnonzero(real))
         col[g] = v[rows]
         arrays[f"feat:{name}"] = col
+
+    # content lists: each item's newest non-empty list (content describes the item)
+    lists = [c for c in columns.lists if c in has and c not in skipped]
+    for name in lists:
+        stored = newest_lists(IdLists.from_arrow(t[name]), pos, rank, len(items))
+        arrays.update(stored.arrays(f"list:{name}"))
 
     # per task_type: the item's newest row of that task_type, as training saw it
     tt_names: list[str] = []
@@ -300,7 +348,7 @@ def build_index(
         tt_names, tt_code = np.unique(tt.astype(str), return_inverse=True)
         tt_names = [str(x) for x in tt_names]
         key = tt_code.astype(np.int64) * len(items) + pos  # (task_type, item) groups
-        g, rows = _newest(key, rank, np.arange(n))  # sorted by task_type, then position
+        g, rows = newest(key, rank, np.arange(n))  # sorted by task_type, then position
         code = g // len(items)
         arrays["tt_names"] = np.array(tt_names, dtype=str)
         arrays["tt_indptr"] = np.searchsorted(code, np.arange(len(tt_names) + 1)).astype(np.int64)
@@ -345,8 +393,9 @@ def build_index(
 
     meta = {
         "format": FORMAT_VERSION,
-        "columns": {k: v for k, v in asdict(columns).items() if k != "features"},
+        "columns": {k: v for k, v in asdict(columns).items() if k not in ("features", "lists")},
         "features": features,
+        "lists": lists,
         "task_types": tt_names,
         "skipped": skipped,
         "rows": n,

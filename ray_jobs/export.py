@@ -6,7 +6,8 @@ only when the new version wins.
 1. Load the run's best weights, fit calibrators on validation (``evaluate.calibration``).
 2. ``model.export.export`` -> the serving directory (TorchScript, calibrators, processor
    statistics, resolved config) plus the candidate retrieval index built from
-   ``dataset.train`` (``retrieval.npz``: Serve finds it next to the model); reload it with ``load_predictor`` and score
+   ``dataset.train`` (``retrieval.npz``: Serve finds it next to the model) and the users'
+   newest profiles (``user_profiles.npz``, model.user_profiles); reload it with ``load_predictor`` and score
    ``evaluate.split`` through it, so the number that decides is the exported artifact's.
 3. Log it as an MLflow pyfunc model in the run's MLflow run with artifacts ``serving/`` (the
    export directory) and ``training/`` (eager weights for ``train.init_from=champion``), a
@@ -45,6 +46,7 @@ from model.registry import (
 )
 from model.retrieval_index import INDEX_FILE, IndexColumns, RetrievalError, build_index
 from model.storage import list_parquet
+from model.user_profiles import PROFILE_FILE, ProfileColumns, build_profiles
 from ray_jobs import registry
 from ray_jobs.common import init_ray, job_parser, parse_job_args, setup_logging
 from ray_jobs.evaluate import (
@@ -122,29 +124,70 @@ def add_retrieval_index(serving: Path, cfg: UnirankConfig) -> dict:
     parts the data has no columns for are left out and listed under ``skipped``. Data
     without the item column gets no index: ``{"file": None, "skipped": reason}``, and the
     export goes on (the model then serves request-supplied candidates only)."""
-    import pyarrow.dataset as pads
-
-    fs, files = list_parquet(cfg.dataset.train, cfg.storage)
-    data = pads.dataset(files, filesystem=fs, format="parquet")
     source = list(cfg.dataset.train)
     try:
-        index = build_index(data, serving / INDEX_FILE, IndexColumns.from_config(cfg.dataset))
+        index = build_index(
+            _train_rows(cfg), serving / INDEX_FILE, IndexColumns.from_config(cfg.dataset)
+        )
     except RetrievalError as exc:
         log.warning("no retrieval index: %s", exc)
         return {"file": None, "items": 0, "source": source, "skipped": str(exc)}
-    manifest = json.loads((serving / MANIFEST_FILE).read_text())
-    manifest["files"] = [*manifest["files"], INDEX_FILE]
     info = {
         "file": INDEX_FILE,
         "items": len(index),
         "source": source,
         "features": index.meta["features"],
+        "lists": index.meta["lists"],
         "task_types": index.meta["task_types"],
         "skipped": index.meta["skipped"],
     }
-    manifest["retrieval_index"] = info
-    (serving / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    _record(serving, "retrieval_index", info)
     return info
+
+
+def add_user_profiles(serving: Path, cfg: UnirankConfig) -> dict:
+    """Write each training user's newest profile (``dataset.profiles``) into the serving
+    directory as ``user_profiles.npz``, so the served model sees the profiles it was trained
+    with (model.user_profiles). A dataset without profile columns the model reads, or
+    without the user column, gets no table: ``{"file": None, "skipped": ...}``."""
+    source = list(cfg.dataset.train)
+    columns = ProfileColumns.from_config(cfg.dataset)
+    if not columns.features and not columns.lists:
+        return {"file": None, "users": 0, "source": source, "skipped": "no profile features"}
+    try:
+        profiles = build_profiles(_train_rows(cfg), None, columns)
+    except RetrievalError as exc:
+        log.warning("no user-profile table: %s", exc)
+        return {"file": None, "users": 0, "source": source, "skipped": str(exc)}
+    if not profiles.features and not profiles.lists:
+        skipped = profiles.meta["skipped"]
+        return {"file": None, "users": 0, "source": source, "skipped": skipped}
+    profiles.save(serving / PROFILE_FILE)
+    info = {
+        "file": PROFILE_FILE,
+        "users": len(profiles),
+        "source": source,
+        "features": profiles.features,
+        "lists": profiles.lists,
+        "skipped": profiles.meta["skipped"],
+    }
+    _record(serving, "user_profiles", info)
+    return info
+
+
+def _train_rows(cfg: UnirankConfig):
+    import pyarrow.dataset as pads
+
+    fs, files = list_parquet(cfg.dataset.train, cfg.storage)
+    return pads.dataset(files, filesystem=fs, format="parquet")
+
+
+def _record(serving: Path, key: str, info: dict) -> None:
+    """List ``info["file"]`` in manifest.json and record ``info`` under ``key``."""
+    manifest = json.loads((serving / MANIFEST_FILE).read_text())
+    manifest["files"] = [*manifest["files"], info["file"]]
+    manifest[key] = info
+    (serving / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
 
 # --------------------------------------------------------------------------- scoring
@@ -198,6 +241,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
             Path(tmp) / SERVING_ARTIFACT, trained.model, proc, trained.cfg, calibrators
         )
         index_info = add_retrieval_index(serving, cfg)
+        profiles_info = add_user_profiles(serving, cfg)
         training = Path(tmp) / TRAINING_ARTIFACT
         training.mkdir()
         ckpt = fetch_checkpoint(trained.checkpoint)
@@ -260,6 +304,7 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
         "champion_uri": model_uri_for(m.registered_model, m.champion_alias),
         "serving_artifact": f"artifacts/{SERVING_ARTIFACT}",
         "retrieval_index": index_info,
+        "user_profiles": profiles_info,
         "objective": new_objective,
         "objective_split": split,
         f"{report_split}_objective": new_objective if reported is None else reported,

@@ -34,6 +34,8 @@ from serve_apps.schemas import (
     ErrorBody,
     Event,
     EventAck,
+    ProfileAck,
+    ProfileUpdate,
     RankRequest,
     RankResponse,
 )
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from serve_apps.ingress import IngressCore
 
 logger = logging.getLogger("ray.serve")
-ROUTES = ("/rank", "/events", "/version", "/healthz", "/docs", "/openapi.json")
+ROUTES = ("/rank", "/events", "/profile", "/version", "/healthz", "/docs", "/openapi.json")
 MAX_REQUEST_ID = 128
 
 
@@ -256,6 +258,13 @@ def build_api(core: IngressCore) -> FastAPI:
         except RequestError as exc:
             fields = [{"field": exc.field, "message": exc.message}] if exc.field else []
             return fail(request, exc.status, "validation", exc.message, fields)
+        except Unavailable as exc:
+            return fail(request, 503, exc.reason, exc.message)
+
+    @api.post("/profile", response_model=ProfileAck, responses=errors)
+    async def profile(update: ProfileUpdate, request: Request):
+        try:
+            return await core.put_profile(update)
         except Unavailable as exc:
             return fail(request, 503, exc.reason, exc.message)
 

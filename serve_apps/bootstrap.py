@@ -2,7 +2,8 @@
 exported *untrained* model.
 
 ``sample_rows`` draws a small unified-schema table from a fixed item catalogue (items with a
-category, an advertiser, a campaign, a price, title tokens), with user sequences drawn from
+category, an advertiser, a campaign, a price, title tokens, a brand, a price tier, a release
+year) and fixed user profiles (region, age band, declared interests), with user sequences drawn from
 the same items, so that the retrieval indices built from it (popularity, co-occurrence,
 inverted index, eligible ads) are meaningful. ``export_untrained`` fits the FeatureProcessor
 on those rows and exports ``build_model(cfg)`` as it is initialised; the served scores are
@@ -51,7 +52,30 @@ def catalogue(num_items: int = 300, seed: int = 5) -> dict[str, np.ndarray]:
         "tokens": rng.integers(1, 61, size=(num_items, 2)).astype(np.int64),
         # Zipf-like appeal: a few items are much more popular than the rest
         "appeal": rng.zipf(1.6, size=num_items).clip(max=50).astype(np.float64),
+        # content (drawn last, so the columns above do not depend on it)
+        "brand_id": rng.integers(1, 31, size=num_items).astype(np.int64),
+        "price_tier": rng.integers(1, 6, size=num_items).astype(np.int64),
+        "release_year_bucket": rng.integers(1, 21, size=num_items).astype(np.int64),
     }
+
+
+def user_profiles(num_users: int = 50, seed: int = 6) -> dict[str, np.ndarray]:
+    """Profiles of users 1..num_users (index 0: the placeholder user): region, age band and
+    0-3 declared interests (category ids, 0-padded)."""
+    rng = np.random.default_rng(seed)
+    n = num_users + 1
+    interests = rng.integers(1, 11, size=(n, 3)).astype(np.int64)
+    count = rng.integers(0, 4, size=n)
+    interests[np.arange(3)[None, :] >= count[:, None]] = 0
+    profile = {
+        "region": rng.integers(1, 11, size=n).astype(np.int64),
+        "age_band": rng.integers(1, 7, size=n).astype(np.int64),
+        "declared_interests": interests,
+        "num_interests": count,
+    }
+    for v in profile.values():
+        v[0] = 0
+    return profile
 
 
 def sample_rows(
@@ -64,6 +88,7 @@ def sample_rows(
 ) -> pa.Table:
     """n unified-schema rows (impressions with labels) drawn from ``catalogue(num_items)``."""
     cat = catalogue(num_items)
+    prof = user_profiles(num_users)
     rng = np.random.default_rng(seed)
     p_item = cat["appeal"] / cat["appeal"].sum()
     mix = np.array([_TASK_MIX.get(t, 0.15) for t in task_types])
@@ -120,6 +145,18 @@ def sample_rows(
         "price": pa.array(cat["price"][items]),
         "advertiser_reliability": pa.array(
             cat["advertiser_reliability"][items].astype(np.float32), from_pandas=True
+        ),
+        # item content and user profile, as the catalogue and the sign-up form show them
+        "brand_id": pa.array(cat["brand_id"][items]),
+        "price_tier": pa.array(cat["price_tier"][items]),
+        "release_year_bucket": pa.array(cat["release_year_bucket"][items]),
+        "title_tokens": lists(cat["tokens"][items].ravel(), np.arange(n + 1, dtype=np.int32) * 2),
+        "item_categories": lists(cat["category_id"][items], np.arange(n + 1, dtype=np.int32)),
+        "region": pa.array(prof["region"][users]),
+        "age_band": pa.array(prof["age_band"][users]),
+        "declared_interests": lists(
+            prof["declared_interests"][users][prof["declared_interests"][users] > 0],
+            np.concatenate([[0], np.cumsum(prof["num_interests"][users])]).astype(np.int32),
         ),
         "seq_item_ids": lists(cat["item_id"][seq_idx], offsets),
         "seq_event_types": lists(rng.integers(0, 5, size=total), offsets),

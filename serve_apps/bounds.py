@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.config import UnirankConfig
+from model.id_lists import IdLists
 
 if TYPE_CHECKING:
     from serve_apps.rows import RankInput
 
 INT64_MAX = 2**63 - 1
+MAX_LIST_IDS = 32  # ids per list feature of a candidate / profile (the model keeps <= 8)
 FUTURE_S = 86_400  # an event may be at most this far ahead of the server clock
 
 
@@ -85,10 +87,17 @@ def _ints(name: str, a: object, n: int | None = None) -> None:
         raise InvalidRankInput(name, f"{len(a)} values, expected {n}")
 
 
+def _ids(name: str, a: object, n: int | None = None) -> None:
+    _ints(name, a, n)
+    if (a < 0).any():
+        raise InvalidRankInput(name, "negative id")
+
+
 def check_rank_input(inp: RankInput, times: EventTimes | None = None) -> None:
     """Raise :class:`InvalidRankInput` unless ``inp`` is safe to batch.
 
-    Ints are int64-range scalars or int64 arrays; candidate columns have one value per item;
+    Ints are int64-range scalars or int64 arrays (ids >= 0); candidate columns and content
+    lists have one value / list per item, profile columns are scalars or int64 id arrays;
     float columns are float32 or float64 with no infinities (NaN means "unknown", as a null in
     training data); the user's events are equally long int64 arrays, oldest first, with
     timestamps in ``times`` (when given).
@@ -104,9 +113,10 @@ def check_rank_input(inp: RankInput, times: EventTimes | None = None) -> None:
     if missing:
         raise InvalidRankInput("candidates", f"missing columns {missing}")
     n = len(cands["item_id"])
-    for name in CANDIDATE_COLUMNS:
-        a = cands[name]
-        if name in ("price", "advertiser_reliability"):
+    for name, a in cands.items():
+        # floats: the unified ones, and any float item feature of a bring-your-own catalogue
+        is_float = isinstance(a, np.ndarray) and a.dtype.kind == "f" and name != "item_id"
+        if name in ("price", "advertiser_reliability") or is_float:
             if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind != "f":
                 raise InvalidRankInput(f"candidates.{name}", "expected a 1-D float array")
             if len(a) != n:
@@ -114,9 +124,19 @@ def check_rank_input(inp: RankInput, times: EventTimes | None = None) -> None:
             if np.isinf(a).any() or (np.abs(np.nan_to_num(a)) > np.finfo(np.float32).max).any():
                 raise InvalidRankInput(f"candidates.{name}", "infinite or beyond float32")
         else:
-            _ints(f"candidates.{name}", a, n)
-            if (a < 0).any():
-                raise InvalidRankInput(f"candidates.{name}", "negative id")
+            _ids(f"candidates.{name}", a, n)
+    for name, lists in inp.candidate_lists.items():
+        where = f"candidate_lists.{name}"
+        if not isinstance(lists, IdLists) or len(lists) != n:
+            raise InvalidRankInput(where, f"expected IdLists of {n} candidates")
+        _ints(f"{where}.offsets", lists.offsets, n + 1)
+        if lists.offsets[0] != 0 or np.any(np.diff(lists.offsets) < 0):
+            raise InvalidRankInput(f"{where}.offsets", "expected non-decreasing from 0")
+        _ids(f"{where}.values", lists.values, int(lists.offsets[-1]))
+    for name, v in inp.profile.items():
+        _scalar(f"profile.{name}", v)
+    for name, a in inp.profile_lists.items():
+        _ids(f"profile_lists.{name}", a)
     _ints("query_tokens", inp.query_tokens)
     ev = inp.events
     _ints("events.item_ids", ev.item_ids)

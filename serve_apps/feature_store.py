@@ -1,4 +1,5 @@
-"""The online feature store: a user's recent events and precomputed sequence encodings.
+"""The online feature store: a user's recent events, precomputed sequence encodings and
+profile updates.
 
 Two backends behind one async interface (``serve.feature_store``):
 
@@ -8,7 +9,8 @@ Two backends behind one async interface (``serve.feature_store``):
   trimmed to the newest ``keep`` events) and one hash per user for the precomputed encoding
   (``unirank:enc:<user>``: vector, shape, event_ts, computed_at, last_event_ts, model; written
   by ray_jobs.user_embeddings; the format is model.user_encoding). Shared by every application
-  and replica.
+  and replica. A user's online profile is a hash ``unirank:profile:<user>`` (one JSON value per
+  field: ``region``, ``age_band``, ``declared_interests``), written by ``POST /profile``.
 
 Events are ``(item_id, event_type, timestamp_s)``, kept in timestamp order whatever order
 they arrive in: a backfilled event goes into its place (equal timestamps keep their arrival
@@ -26,6 +28,7 @@ An unreadable encoding is deleted (the batch job writes a new one) and reported 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +44,7 @@ from model.user_encoding import (  # the stored-encoding format, shared with ray
     encoding_from,
     write_encodings,  # noqa: F401 - re-exported: callers of the store's writer
 )
-from serve_apps.bounds import INT64_MAX, EventTimes
+from serve_apps.bounds import INT64_MAX, MAX_LIST_IDS, EventTimes
 
 MAX_EVENT_TYPE = 255  # serve_apps.schemas.Event.event_type
 logger = logging.getLogger("ray.serve")
@@ -146,6 +149,24 @@ def _report(hook: RepairHook | None, user_id: int, h: History) -> None:
                 hook(user_id, reason, n)
 
 
+def _profile_value(raw: object) -> int | list[int] | None:
+    """A stored profile field (JSON): an id, or a list of at most ``MAX_LIST_IDS`` ids
+    (int64, >= 0); None when it is anything else."""
+    try:
+        v = json.loads(raw)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+    def is_id(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX
+
+    if is_id(v):
+        return v
+    if isinstance(v, list) and len(v) <= MAX_LIST_IDS and all(is_id(x) for x in v):
+        return v
+    return None
+
+
 class MemoryFeatureStore:
     """In-process store (one per replica): a timestamp-ordered list per user."""
 
@@ -158,6 +179,7 @@ class MemoryFeatureStore:
         self._events: dict[int, list] = {}
         self._bad: dict[int, list] = {}
         self._enc: dict[int, Encoding] = {}
+        self._profile: dict[int, dict] = {}
 
     async def append(self, user_id: int, item_id: int, event_type: int, ts: int) -> int:
         q = self._events.setdefault(user_id, [])
@@ -195,6 +217,13 @@ class MemoryFeatureStore:
 
     async def get_encoding(self, user_id: int) -> Encoding | None:
         return self._enc.get(user_id)
+
+    async def put_profile(self, user_id: int, fields: dict) -> None:
+        self._profile.setdefault(user_id, {}).update(fields)
+
+    async def get_profile(self, user_id: int) -> dict | None:
+        stored = self._profile.get(user_id)
+        return dict(stored) if stored else None
 
     async def ping(self) -> bool:
         return True
@@ -259,6 +288,9 @@ class RedisFeatureStore:
 
     def _enc_key(self, user_id: int) -> str:
         return f"{self.prefix}:enc:{user_id}"
+
+    def _profile_key(self, user_id: int) -> str:
+        return f"{self.prefix}:profile:{user_id}"
 
     async def append(self, user_id: int, item_id: int, event_type: int, ts: int) -> int:
         entry = f"{item_id}:{event_type}:{ts}"
@@ -330,6 +362,30 @@ class RedisFeatureStore:
             if self.on_repair is not None:
                 self.on_repair(user_id, "encoding_unreadable", 1)
             return None
+
+    async def put_profile(self, user_id: int, fields: dict) -> None:
+        """Set the given profile fields (one hash field each, JSON), keep the others."""
+        mapping = {k: json.dumps(v) for k, v in fields.items()}
+        if mapping:
+            await self.client.hset(self._profile_key(user_id), mapping=mapping)
+
+    async def get_profile(self, user_id: int) -> dict | None:
+        """The stored profile fields; an unreadable one is deleted and reported."""
+        h = await self.client.hgetall(self._profile_key(user_id))
+        out, bad = {}, []
+        for k, v in h.items():
+            name = k.decode(errors="replace") if isinstance(k, bytes) else str(k)
+            value = _profile_value(v)
+            if value is None:
+                bad.append(k)
+            else:
+                out[name] = value
+        if bad:
+            await self.client.hdel(self._profile_key(user_id), *bad)
+            logger.warning("feature store: user %s profile fields unreadable, deleted", user_id)
+            if self.on_repair is not None:
+                self.on_repair(user_id, "profile_unreadable", len(bad))
+        return out or None
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

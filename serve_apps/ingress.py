@@ -5,13 +5,15 @@ serve_apps.api.build_api over an :class:`IngressCore`):
 
     POST /rank      rank candidates for a user            -> RankResponse
     POST /events    append a user's event to the store     -> EventAck
+    POST /profile   set fields of a user's online profile  -> ProfileAck
     GET  /healthz   liveness + model, store, index status
     GET  /version   the served model (URI, digest, manifest, device)
     GET  /docs, /openapi.json
 
 A request flows: body limit (before parsing) -> schema bounds (422 naming the field) ->
 use-case checks -> the user's recent events (feature store, truncated to the model's sequence
-length) -> result cache (TTL per use-case) -> candidates (request or retrieval) -> pre rules
+length) and profile (the export's profile table < the store's online profile < the request's
+``profile``) -> result cache (TTL per use-case) -> candidates (request or retrieval) -> pre rules
 -> Ranker (deadline = the use-case's request_timeout_s) -> post rules + top_k. A ranker
 error, a non-finite score or a missed deadline is answered by the fallback policy
 (``fallback`` field set, counted in ``unirank_fallbacks``); never a score that is not finite.
@@ -42,14 +44,26 @@ from serve_apps.experiments import assign_arm
 from serve_apps.exposures import make_exposure_log
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
+from serve_apps.request_features import candidate_features, load_profiles, user_profile
 from serve_apps.retrieval import RetrievalIndex
-from serve_apps.rows import CANDIDATE_COLUMNS, RankInput
+from serve_apps.rows import RankInput
 from serve_apps.rules import RuleContext, Slate, load_rules, sort_by_score, with_scores
-from serve_apps.schemas import Event, EventAck, Fallback, RankRequest, RankResponse, ScoredItem
+from serve_apps.schemas import (
+    Event,
+    EventAck,
+    Fallback,
+    ProfileAck,
+    ProfileUpdate,
+    RankRequest,
+    RankResponse,
+    ScoredItem,
+)
 from serve_apps.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
-BYTES_PER_CANDIDATE = 256  # generous JSON size of one candidate object
+# generous JSON size of one candidate object, content lists included (2 x 32 ids of <= 19
+# digits would be ~1.3 kB; a typical candidate is far smaller)
+BYTES_PER_CANDIDATE = 1536
 # Everything but the candidates at their schema maxima: 10,000 excluded + 1,000 campaign ids +
 # 64 query tokens of up to 19 digits each, and the small fields.
 BASE_BODY_BYTES = 256 * 1024
@@ -109,11 +123,14 @@ class ResultCache:
             self._d.popitem(last=False)
 
 
-def cache_key(req: RankRequest, events: Events, arm: str | None = None) -> str:
+def cache_key(
+    req: RankRequest, events: Events, profile: dict | None = None, arm: str | None = None
+) -> str:
     """The request minus its id, plus the user's exact history (new or backfilled events
-    bust the cache) and experiment arm (arms never share answers)."""
+    bust the cache), online profile (so does a profile update) and experiment arm (arms
+    never share answers)."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, events.digest(), arm], sort_keys=True, default=str)
+    text = json.dumps([body, events.digest(), profile or {}, arm], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -199,6 +216,7 @@ class IngressCore:
         self.index = load_index(s)
         self.log = make_exposure_log(s.cfg.serve.exposure_log, s.cfg.serve.redis_url)
         self.experiment: ExperimentConfig | None = uc.experiment
+        self.profiles = load_profiles(s)
         self.known_task_types = set(s.cfg.dataset.task_types)
         self._version: dict | None = None
 
@@ -290,6 +308,15 @@ class IngressCore:
         await self._log(outcome)
         return EventAck(user_id=event.user_id, stored_events=n)
 
+    async def put_profile(self, update: ProfileUpdate) -> ProfileAck:
+        fields = update.profile.model_dump(exclude_none=True)
+        try:
+            await asyncio.wait_for(self.store.put_profile(update.user_id, fields), STORE_TIMEOUT_S)
+            stored = await asyncio.wait_for(self.store.get_profile(update.user_id), STORE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a 503 naming the store, not a 500
+            raise Unavailable("feature_store", f"feature store unavailable: {exc!r}"[:300]) from exc
+        return ProfileAck(user_id=update.user_id, profile=stored or {})
+
     # ------------------------------------------------------------------ the request path
 
     def _validate(self, req: RankRequest) -> None:
@@ -357,39 +384,28 @@ class IngressCore:
             return idx.eligible_ads(req.campaign_ids, limit)
         raise RequestError(422, "candidates are required", "candidates")
 
-    def _candidate_features(self, req: RankRequest, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Catalogue features, overridden by what the request supplies."""
-        if self.index is not None:
-            feats = self.index.features(ids, task_type=self.uc.name)  # as its training rows
-        else:
-            n = len(ids)
-            feats = {k: np.zeros(n, np.int64) for k in CANDIDATE_COLUMNS[1:4]}
-            feats["price"] = np.full(n, np.nan, np.float32)
-            feats["advertiser_reliability"] = np.full(n, np.nan, np.float32)
-            feats["popularity"] = np.zeros(n, np.float32)
-        feats["item_id"] = ids
-        if req.candidates is not None:
-            first: dict[int, Any] = {}
-            for c in req.candidates:
-                first.setdefault(c.item_id, c)
-            for name in CANDIDATE_COLUMNS[1:]:
-                given = [getattr(first[int(x)], name) for x in ids]
-                if any(v is not None for v in given):
-                    col = feats[name].copy()
-                    for i, v in enumerate(given):
-                        if v is not None:
-                            col[i] = v
-                    feats[name] = col
-        return feats
+    async def _stored_profile(self, user_id: int) -> dict:
+        """The user's online profile fields (feature store); {} when none or unreadable."""
+        try:
+            got = await asyncio.wait_for(self.store.get_profile(user_id), STORE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the export's table still answers
+            self.metrics.inc("unirank_errors", kind="feature_store", route="/rank")
+            logger.warning("task_type=%s feature store profile read failed", self.uc.name)
+            return {}
+        return got or {}
 
     async def rank(self, req: RankRequest, rid: str) -> dict[str, Any]:
         uc, t0 = self.uc, time.monotonic()
         self._validate(req)
-        events, encoding = await asyncio.gather(
-            self._user_events(req.user_id), self._user_encoding(req.user_id)
+        events, encoding, online = await asyncio.gather(
+            self._user_events(req.user_id),
+            self._user_encoding(req.user_id),
+            self._stored_profile(req.user_id),
         )
+        # the export's profile table < the online profile < the request's own fields
+        profile, profile_lists = user_profile(self.profiles, req.user_id, online, req.profile)
         arm = assign_arm(req.user_id, self.experiment) if self.experiment else None
-        key = cache_key(req, events, arm.name if arm else None)
+        key = cache_key(req, events, online, arm.name if arm else None)
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
             if hit is not None:
@@ -400,7 +416,7 @@ class IngressCore:
             self.metrics.inc("unirank_cache_misses")
 
         ids = _unique(self._retrieve(req))[: uc.max_candidates]
-        feats = self._candidate_features(req, ids)
+        feats, lists = candidate_features(self.index, uc, req, ids)
         ctx = RuleContext(
             use_case=uc,
             seen_item_ids=frozenset(int(x) for x in events.item_ids),
@@ -412,6 +428,7 @@ class IngressCore:
         where = {int(x): i for i, x in enumerate(ids)}
         rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
+        lists = {k: v.take(rows) for k, v in lists.items()}
 
         fallback, precomputed, version = None, False, None
         if arm is not None and arm.policy == "popularity":  # the holdout: not personalized
@@ -428,7 +445,10 @@ class IngressCore:
                 task_type=uc.name,
                 now=now,
                 user_id=req.user_id,
-                candidates={k: feats[k] for k in CANDIDATE_COLUMNS},
+                candidates={k: v for k, v in feats.items() if k != "popularity"},
+                candidate_lists=lists,
+                profile=profile,
+                profile_lists=profile_lists,
                 events=events,
                 source_item_id=req.source_item_id or 0,
                 query_tokens=np.asarray(req.query_tokens or [], dtype=np.int64),

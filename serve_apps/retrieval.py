@@ -6,6 +6,7 @@ exported model); this module loads it in every ingress replica and answers:
 
 - ``features(ids, task_type)``: the catalogue features of candidates, as the use-case's own
   training rows carried them (see model.retrieval_index), + popularity (the fallback ranking);
+- ``lists(ids)``: the candidates' content lists (title tokens, item categories);
 - ``popular_in_category``: items of a category by popularity;
 - ``neighbours``: item -> items seen close together in users' sequences (and clicked
   related-item pairs);
@@ -29,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from model.id_lists import IdLists
 from model.retrieval_index import (
     INDEX_FILE,
-    UNIFIED_ITEM_FEATURES,
+    SERVED_ITEM_FEATURES,
     IndexArrays,
     IndexColumns,
     RetrievalError,
@@ -82,6 +84,8 @@ class RetrievalIndex:
         campaign = arrays.get("feat:campaign_id", np.zeros(len(self.items), np.int64))
         self._campaign = campaign
         self._ads = self._by_pop[campaign[self._by_pop] != 0]  # ad positions by popularity
+        list_names = (self.meta or {}).get("lists", [])
+        self._lists = {n: IdLists.stored(arrays, f"list:{n}") for n in list_names}
         names = arrays.get("tt_names", np.zeros(0, str))
         self._tt = {str(x): k for k, x in enumerate(names)}
 
@@ -109,29 +113,46 @@ class RetrievalIndex:
         pos = np.searchsorted(self.items, ids).clip(max=max(len(self.items) - 1, 0))
         return np.where(self.items[pos] == ids, pos, -1) if len(self.items) else -np.ones_like(ids)
 
+    def known(self, item_ids: np.ndarray, task_type: str | None = None) -> np.ndarray:
+        """Whether each id is in the catalogue (with ``task_type``: in that task_type's
+        training rows, whose features it is then served with)."""
+        pos = self.positions(item_ids)
+        if task_type is None:
+            return pos >= 0
+        return self._in_task_type(pos, task_type)[0]
+
+    def _in_task_type(self, pos: np.ndarray, task_type: str):
+        """(whether each catalogue position has rows of ``task_type``, the index of its
+        values within that task_type's ``tt:`` slice, the slice)."""
+        k = self._tt.get(task_type, -1)
+        if k < 0:
+            return np.zeros(len(pos), bool), np.zeros(len(pos), np.int64), slice(0, 0)
+        lo, hi = self.a["tt_indptr"][k : k + 2]
+        tt_pos = self.a["tt_pos"][lo:hi]
+        if not len(tt_pos):
+            return np.zeros(len(pos), bool), np.zeros(len(pos), np.int64), slice(lo, hi)
+        j = np.searchsorted(tt_pos, pos).clip(max=len(tt_pos) - 1)
+        return (pos >= 0) & (tt_pos[j] == pos), j, slice(lo, hi)
+
     def features(self, item_ids: np.ndarray, task_type: str | None = None) -> dict[str, np.ndarray]:
         """Catalogue features of each id + popularity; unknown items get the placeholder (0,
         NaN for floats). With ``task_type``: an item that appeared in that task_type's
         training rows gets the features those rows carried; others the catalogue values.
-        The unified item features the index lacks come back as placeholders."""
+        The served item features (unified + content scalars) the index lacks come back as
+        placeholders."""
         pos = self.positions(item_ids)
         known = pos >= 0
         safe = np.maximum(pos, 0)
-        k = self._tt.get(task_type, -1) if task_type is not None else -1
-        if k >= 0:
-            lo, hi = self.a["tt_indptr"][k : k + 2]
-            tt_pos = self.a["tt_pos"][lo:hi]
-            j = np.searchsorted(tt_pos, pos).clip(max=max(len(tt_pos) - 1, 0))
-            in_tt = known & (tt_pos[j] == pos) if len(tt_pos) else np.zeros(len(pos), bool)
+        in_tt, j, tt = self._in_task_type(pos, task_type) if task_type is not None else (None,) * 3
         out = {}
         for name in self.feature_names:
             arr = self.a[f"feat:{name}"]
             fill = np.nan if arr.dtype.kind == "f" else 0
             col = np.where(known, arr[safe], fill).astype(arr.dtype)
-            if k >= 0:
-                col = np.where(in_tt, self.a[f"tt:{name}"][lo:hi][j], col).astype(arr.dtype)
+            if in_tt is not None and in_tt.any():
+                col = np.where(in_tt, self.a[f"tt:{name}"][tt][j], col).astype(arr.dtype)
             out[name] = col
-        for name in UNIFIED_ITEM_FEATURES:
+        for name in SERVED_ITEM_FEATURES:
             if name not in out:
                 kind = UNIFIED_SCHEMA.field(name).type
                 floats = pa.types.is_floating(kind)
@@ -140,6 +161,14 @@ class RetrievalIndex:
                 )
         out["popularity"] = np.where(known, self.popularity[safe], 0).astype(np.float32)
         return out
+
+    def lists(self, item_ids: np.ndarray) -> dict[str, IdLists]:
+        """The content lists of each id (title tokens, item categories, ...): empty for an
+        unknown item, as for a cold-start item in training."""
+        pos = self.positions(item_ids)
+        return {
+            name: lists.take(np.maximum(pos, 0), pos >= 0) for name, lists in self._lists.items()
+        }
 
     def _ids(self, positions: np.ndarray, limit: int) -> np.ndarray:
         return self.items[positions[:limit]]

@@ -38,11 +38,13 @@ USE_CASES_DIR = "configs/use_cases"
 
 
 def bootstrap_model(cfg: UnirankConfig, workdir: str | Path, data: list[str] | None = None) -> Path:
-    """Export an untrained model + its retrieval index under ``workdir``/model.
+    """Export an untrained model + its retrieval index and user-profile table under
+    ``workdir``/model.
 
     ``data``: prepared unified-schema parquet to fit the processor and build the index from;
     default: synthetic rows (serve_apps.bootstrap.sample_rows).
     """
+    from model.user_profiles import PROFILE_FILE, ProfileColumns, build_profiles
     from serve_apps.bootstrap import export_untrained, sample_rows
     from serve_apps.retrieval import _read, build_index
 
@@ -50,6 +52,8 @@ def bootstrap_model(cfg: UnirankConfig, workdir: str | Path, data: list[str] | N
     rows = _read(data) if data else sample_rows(2000, task_types=tuple(cfg.dataset.task_types))
     export_untrained(out, cfg, rows.slice(0, 5000))
     build_index(rows, out / INDEX_FILE)
+    columns = ProfileColumns.from_config(cfg.dataset)
+    build_profiles(data or rows, out / PROFILE_FILE, columns)
     return out
 
 

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.config import load_config
+from model.config import CategoricalFeature, load_config
 from model.export import MANIFEST_FILE
 from model.hashing import string_ids
-from ray_jobs.export import add_retrieval_index
+from model.user_profiles import PROFILE_FILE, UserProfiles
+from ray_jobs.export import add_retrieval_index, add_user_profiles
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
 
 pytestmark = pytest.mark.unit
@@ -68,3 +69,38 @@ def test_no_item_column_is_a_named_skip(tmp_path):
     assert "no item column 'movie_id' (dataset.catalogue.item_column)" in info["skipped"]
     assert not (serving / INDEX_FILE).exists()
     assert json.loads((serving / MANIFEST_FILE).read_text()) == {"files": ["model.pt"]}
+
+
+def test_profiles_are_exported_when_the_data_has_them(tmp_path):
+    """Each user's newest row's profile goes into user_profiles.npz, listed in the manifest;
+    data without profile columns the model reads gets no table."""
+    table = pa.table(
+        {
+            "user_id": [1, 2, 1],
+            "item_id": [10, 11, 12],
+            "event_time": pa.array([5, 6, 9], pa.timestamp("s", tz="UTC")),
+            "region": [3, 4, 7],
+            "age_band": [2, 2, 2],
+            "declared_interests": [[1], [], [5, 6]],
+            "click": [1.0, 0.0, 1.0],
+        }
+    )
+    serving, cfg = setup(tmp_path, table)
+    assert add_user_profiles(serving, cfg)["file"] is None  # the BYO spec reads no profile
+    spec = cfg.dataset.features.categorical + [
+        CategoricalFeature(name="region", hash_buckets=100),
+        CategoricalFeature(name="age_band", vocab_size=16),
+        CategoricalFeature(name="declared_interests", share_with="category_id", multi=True),
+    ]
+    cfg.dataset.features = cfg.dataset.features.model_copy(update={"categorical": spec})
+    info = add_user_profiles(serving, cfg)
+    assert info["file"] == PROFILE_FILE and info["users"] == 2
+    assert info["features"] == ["region", "age_band"] and info["lists"] == ["declared_interests"]
+    assert json.loads((serving / MANIFEST_FILE).read_text())["files"] == ["model.pt", PROFILE_FILE]
+    profiles = UserProfiles.load(serving / PROFILE_FILE)
+    scalars, lists = profiles.lookup(1)  # the newest row (t=9)
+    assert scalars == {"region": 7, "age_band": 2} and lists["declared_interests"].tolist() == [
+        5,
+        6,
+    ]
+    assert profiles.lookup(99)[0] == {"region": 0, "age_band": 0}  # unknown: placeholders

@@ -14,9 +14,11 @@ from mlflow.tracking import MlflowClient
 from model.ensemble import build_model
 from model.export import MANIFEST_FILE, load_predictor
 from model.registry import download_serving_dir, model_uri_for
+from model.user_profiles import PROFILE_FILE
 from ray_jobs import export, train
 from ray_jobs.evaluate import load_trained
 from serve_apps.ingress import UseCaseIngress
+from serve_apps.request_features import load_profiles
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
 from serve_apps.settings import AppSettings
 
@@ -81,6 +83,13 @@ def test_register_champion_rule_load_by_alias_and_warm_start(
     loaded = UseCaseIngress.func_or_class._load_index(AppSettings.from_args(args))
     np.testing.assert_array_equal(loaded.items, index.items)
     np.testing.assert_array_equal(loaded.popularity, index.popularity)
+    # ...with the items' content lists and the users' newest profiles (no serving skew)
+    assert index.meta["lists"] == ["title_tokens", "item_categories"]
+    assert PROFILE_FILE in manifest["files"] and first["user_profiles"]["file"] == PROFILE_FILE
+    profiles = load_profiles(AppSettings.from_args(args))
+    train_users = pq.read_table(smoke_data / "prepared" / "train", columns=["user_id"])
+    assert set(profiles.users.tolist()) == set(train_users["user_id"].to_pylist())
+    assert profiles.features == ["region", "age_band"] and profiles.lists == ["declared_interests"]
 
     # A worse model (untrained weights in a copy of the checkpoint) does not take the alias.
     worse = tmp_path / "untrained" / "epoch_0001"

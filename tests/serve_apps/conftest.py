@@ -54,7 +54,9 @@ def rows():
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, rows):
-    """(model dir, config): an untrained export + retrieval index built from parquet."""
+    """(model dir, config): an untrained export + retrieval index and user-profile table
+    built from parquet."""
+    from model.user_profiles import PROFILE_FILE, build_profiles
     from serve_apps.bootstrap import export_untrained, write_rows
     from serve_apps.retrieval import INDEX_FILE, build_index
 
@@ -63,4 +65,5 @@ def exported(tmp_path_factory, rows):
     model_dir = export_untrained(root / "model", cfg, rows)
     data = write_rows(rows, root / "prepared" / "train")
     build_index([data], model_dir / INDEX_FILE)
+    build_profiles([data], model_dir / PROFILE_FILE)
     return model_dir, cfg

@@ -16,7 +16,7 @@ from serve_apps.experiments import assign_arm
 from serve_apps.exposures import MemoryExposureLog
 from serve_apps.ingress import HOLDOUT_VERSION, IngressCore
 from serve_apps.ranker import InProcessRanker, ModelScorer
-from tests.serve_apps.test_ingress_api import settings
+from tests.serve_apps.ingress_helpers import settings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from tests.serve_apps.test_ingress_api import settings  # noqa: E402
+from tests.serve_apps.ingress_helpers import settings  # noqa: E402
 
 pytestmark = pytest.mark.unit
 

@@ -20,11 +20,10 @@ import pytest
 from model.config import load_config
 from serve_apps.api import build_api
 from serve_apps.bounds import EventTimes, InvalidRankInput, check_rank_input
-from serve_apps.deploy_config import load_use_cases
 from serve_apps.feature_store import Events
 from serve_apps.ingress import IngressCore
-from serve_apps.ranker import ERROR_KEY, InProcessRanker, ModelScorer, refuse, warmup_input
-from serve_apps.settings import AppSettings
+from serve_apps.ranker import ERROR_KEY, refuse, warmup_input
+from tests.serve_apps.ingress_helpers import core_for, fields, make_apps, post, settings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -36,45 +35,13 @@ BIG = 2**63  # one past int64
 MIN_TS = EventTimes.from_config(load_config(None)).min_ts  # prepare.min_event_time
 
 
-def settings(model_dir: Path, cfg, name: str, *, store: str = "memory", redis_url: str = ""):
-    use_cases = [uc.model_dump(mode="json") for uc in load_use_cases(REPO / "configs/use_cases")]
-    conf = cfg.model_dump(mode="json")
-    conf["use_cases"] = use_cases
-    conf["serve"] = {**conf["serve"], "feature_store": store}
-    if redis_url:
-        conf["serve"]["redis_url"] = redis_url
-    args = {"use_case": name, "model_uri": str(model_dir), "config": conf}
-    # a generous deadline: this test is about values, not latency on a busy machine
-    return AppSettings.from_args({**args, "request_timeout_s": 30})
-
-
-def core_for(model_dir: Path, cfg, name: str, **kw) -> IngressCore:
-    s = settings(model_dir, cfg, name, **kw)
-    return IngressCore(s, InProcessRanker(ModelScorer(s)))
-
-
 @pytest.fixture(scope="module")
 def apps(exported):
     """{use-case: (core, client)} over the session's exported model, memory store."""
-    model_dir, cfg = exported
-    out = {}
-    for name in ("ads", "notifications", "related_items", "search", "category"):
-        core = core_for(model_dir, cfg, name)
-        out[name] = (core, TestClient(build_api(core), raise_server_exceptions=False))
+    out = make_apps(*exported, ("ads", "notifications", "related_items", "search", "category"))
     yield out
     for _, client in out.values():
         client.close()
-
-
-def post(apps, name: str, body: str | dict, route: str = "/rank", headers: dict | None = None):
-    _, client = apps[name]
-    content = body if isinstance(body, str) else json.dumps(body)
-    headers = {"content-type": "application/json", **(headers or {})}
-    return client.post(route, content=content, headers=headers)
-
-
-def fields(r) -> list[str]:
-    return [f["field"] for f in r.json()["fields"]]
 
 
 # --------------------------------------------------------------------------- bounds
@@ -105,6 +72,17 @@ def fields(r) -> list[str]:
         ("notifications", '{"user_id": 1, "candidates": [{"item_id": 5, "price": 1e39}]}', "candidates.0.price"),
         ("notifications", '{"user_id": 1, "candidates": [{"item_id": 5, "advertiser_reliability": NaN}]}', "candidates.0.advertiser_reliability"),
         ("notifications", '{"user_id": 1, "candidates": [{"item_id": 5, "advertiser_reliability": 1.5}]}', "candidates.0.advertiser_reliability"),
+        # item content and user profile: int64 ids >= 0, lists of at most MAX_LIST_IDS
+        ("notifications", f'{{"user_id": 1, "candidates": [{{"item_id": 5, "brand_id": {BIG}}}]}}', "candidates.0.brand_id"),
+        ("notifications", '{"user_id": 1, "candidates": [{"item_id": 5, "price_tier": -1}]}', "candidates.0.price_tier"),
+        ("notifications", f'{{"user_id": 1, "candidates": [{{"item_id": 5, "release_year_bucket": {BIG}}}]}}', "candidates.0.release_year_bucket"),
+        ("notifications", f'{{"user_id": 1, "candidates": [{{"item_id": 5, "title_tokens": [1, {BIG}]}}]}}', "candidates.0.title_tokens.1"),
+        ("notifications", f'{{"user_id": 1, "candidates": [{{"item_id": 5, "title_tokens": {list(range(33))}}}]}}', "candidates.0.title_tokens"),
+        ("notifications", '{"user_id": 1, "candidates": [{"item_id": 5, "item_categories": [-3]}]}', "candidates.0.item_categories.0"),
+        ("ads", f'{{"user_id": 1, "profile": {{"region": {BIG}}}}}', "profile.region"),
+        ("ads", '{"user_id": 1, "profile": {"age_band": -1}}', "profile.age_band"),
+        ("ads", f'{{"user_id": 1, "profile": {{"declared_interests": {list(range(33))}}}}}', "profile.declared_interests"),
+        ("ads", '{"user_id": 1, "profile": {"gender": 1}}', "profile.gender"),
     ],
 )  # fmt: skip
 def test_out_of_range_values_are_422s_naming_the_field(apps, name, body, field):

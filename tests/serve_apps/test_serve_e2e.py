@@ -356,7 +356,8 @@ def test_served_scores_equal_the_offline_predictor(served):
     body = {"user_id": user, "candidates": cands, "context": {"device": 1, "hour": 9}}
     out = served.rank("notifications", body).json()
     assert out["fallback"] is None
-    feats = served.index.features(np.array([7, 8, 10]))
+    feats = served.index.features(np.array([7, 8, 10]), task_type="notifications")
+    lists = served.index.lists(np.array([7, 8, 10]))  # the items' content, as trained on
     table = pa.table(
         {
             "task_type": ["notifications"] * 3,
@@ -370,6 +371,8 @@ def test_served_scores_equal_the_offline_predictor(served):
             "hour": [9] * 3,
             "price": pa.array([12.5, *feats["price"][1:].tolist()], pa.float32(), from_pandas=True),
             "advertiser_reliability": pa.array(feats["advertiser_reliability"], from_pandas=True),
+            **{c: feats[c].tolist() for c in ("brand_id", "price_tier", "release_year_bucket")},
+            **{c: lists[c].to_arrow() for c in ("title_tokens", "item_categories")},
             "seq_item_ids": [[41, 42, 43]] * 3,
             "seq_event_types": [[1, 2, 1]] * 3,
             "seq_timestamps": [[ts for _, _, ts in history]] * 3,

@@ -166,6 +166,12 @@ def _store_contract(store, user: int) -> None:
         got = await store.get_encoding(user)
         np.testing.assert_array_equal(got.vector, enc.vector)
         assert got.last_event_ts == 1009 and await store.get_encoding(user + 1) is None
+        # online profile: fields are set one by one, the others kept
+        assert await store.get_profile(user) is None
+        await store.put_profile(user, {"region": 3, "declared_interests": [4, 5]})
+        await store.put_profile(user, {"region": 6, "age_band": 2})
+        got = await store.get_profile(user)
+        assert got == {"region": 6, "age_band": 2, "declared_interests": [4, 5]}
         assert await store.ping()
         await store.close()
 
@@ -267,20 +273,30 @@ def test_redis_store_keeps_time_order_and_repairs_histories(redis_url):
     bad = client.lrange(f"{prefix}:bad:12", 0, -1)  # quarantined, not lost
     assert len(bad) == 3 and {b"garbage", b"6:1:95649033600"} <= set(bad)
 
+    def read_once(method: str, user: int):
+        """One read through a fresh store (its own event loop), reports collected."""
+        reports.clear()
+        store = RedisFeatureStore(
+            redis_url, keep=8, prefix=prefix, on_repair=lambda *a: reports.append(a)
+        )
+
+        async def go():
+            got = await getattr(store, method)(user)
+            await store.close()
+            return got
+
+        return asyncio.run(go())
+
     # an unreadable encoding: reported, deleted (the batch job writes a new one), not fatal
     client.hset(f"{prefix}:enc:13", mapping={"shape": "not json", "vector": b"xx"})
-    reports.clear()
-    store = RedisFeatureStore(
-        redis_url, keep=8, prefix=prefix, on_repair=lambda *a: reports.append(a)
-    )
-
-    async def read():
-        got = await store.get_encoding(13)
-        await store.close()
-        return got
-
-    assert asyncio.run(read()) is None
+    assert read_once("get_encoding", 13) is None
     assert reports == [(13, "encoding_unreadable", 1)] and not client.exists(f"{prefix}:enc:13")
+
+    # unreadable online-profile fields: reported and deleted, the readable ones kept
+    client.hset(f"{prefix}:profile:14", mapping={"region": "5", "age_band": "-1", "x": "{"})
+    assert read_once("get_profile", 14) == {"region": 5}
+    assert reports == [(14, "profile_unreadable", 2)]
+    assert client.hkeys(f"{prefix}:profile:14") == [b"region"]
     client.close()
 
 

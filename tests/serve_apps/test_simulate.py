@@ -16,7 +16,7 @@ from serve_apps.exposures import MemoryExposureLog
 from serve_apps.ingress import IngressCore
 from serve_apps.ranker import InProcessRanker, ModelScorer
 from serve_apps.simulate import Users, examine_probability, run
-from tests.serve_apps.test_ingress_api import settings
+from tests.serve_apps.ingress_helpers import settings
 
 pytestmark = pytest.mark.unit
 
