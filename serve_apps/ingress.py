@@ -6,7 +6,7 @@ serve_apps.api.build_api over an :class:`IngressCore`):
     POST /rank      rank candidates for a user            -> RankResponse
     POST /events    append a user's event to the store     -> EventAck
     GET  /healthz   liveness + model, store, index status
-    GET  /version   the served model (URI, digest, manifest, device)
+    GET  /version   the served model (URI, version, digest, manifest, device, last rollout)
     GET  /docs, /openapi.json
 
 A request flows: body limit (before parsing) -> schema bounds (422 naming the field) ->
@@ -15,6 +15,11 @@ length) -> result cache (TTL per use-case) -> candidates (request or retrieval) 
 -> Ranker (deadline = the use-case's request_timeout_s) -> post rules + top_k. A ranker
 error, a non-finite score or a missed deadline is answered by the fallback policy
 (``fallback`` field set, counted in ``unirank_fallbacks``); never a score that is not finite.
+
+``model_version`` in a response is the version that scored it (from the ranker's result). The
+cache is keyed by the version this app rolls out (``user_config``, the same as the ranker's)
+and keeps only responses scored by it, so a rollout or rollback never serves a cached score of
+another version.
 
 :class:`IngressCore` has no Serve in it: the deployment gives it a handle to the Ranker
 deployment (:class:`HandleRanker`); tests give it the ranker's in-process path
@@ -35,7 +40,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
-from serve_apps.deploy_config import INGRESS_DEPLOYMENT
+from serve_apps.deploy_config import INGRESS_DEPLOYMENT, parse_rollout
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
 from serve_apps.metrics import ServingMetrics
 from serve_apps.retrieval import RetrievalIndex
@@ -53,6 +58,7 @@ SMALL_BODY_BYTES = 4 * 1024  # /events and the GET routes
 CACHE_MAX_ENTRIES = 10_000
 STORE_TIMEOUT_S = 0.5
 ERROR_KEY = "__error__"  # serve_apps.ranker.ERROR_KEY (the ingress does not import torch)
+VERSION_KEY = "__model_version__"  # serve_apps.ranker.VERSION_KEY
 
 
 class RankerClient(Protocol):
@@ -104,11 +110,11 @@ class ResultCache:
             self._d.popitem(last=False)
 
 
-def cache_key(req: RankRequest, events: Events) -> str:
+def cache_key(req: RankRequest, events: Events, model_version: str = "") -> str:
     """The request minus its id, plus the user's exact history (new or backfilled events
-    bust the cache)."""
+    bust the cache) and the model version being served."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, events.digest()], sort_keys=True, default=str)
+    text = json.dumps([body, events.digest(), model_version], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -193,7 +199,8 @@ class IngressCore:
         self.max_body = BASE_BODY_BYTES + BYTES_PER_CANDIDATE * uc.max_candidates
         self.index = load_index(s)
         self.known_task_types = set(s.cfg.dataset.task_types)
-        self._version: dict | None = None
+        # The version this app rolls out (user_config); None = whatever the ranker serves.
+        self.target_version: str | None = None
 
     def body_limit(self, route: str) -> int:
         return self.max_body if route == "/rank" else SMALL_BODY_BYTES
@@ -254,11 +261,9 @@ class IngressCore:
         }
 
     async def version(self) -> dict:
-        if self._version is None:
-            self._version = await asyncio.wait_for(
-                self.ranker.version(), self.settings.request_timeout_s + 5.0
-            )
-        return {"use_case": self.uc.name, **self._version}
+        """Asked each time: a rollout changes it (one ranker replica answers)."""
+        got = await asyncio.wait_for(self.ranker.version(), self.settings.request_timeout_s + 5.0)
+        return {"use_case": self.uc.name, **got, "target_version": self.target_version}
 
     async def events(self, event: Event) -> EventAck:
         ts = event.timestamp if event.timestamp is not None else now_s()
@@ -372,7 +377,8 @@ class IngressCore:
         events, encoding = await asyncio.gather(
             self._user_events(req.user_id), self._user_encoding(req.user_id)
         )
-        key = cache_key(req, events)
+        target = self.target_version
+        key = cache_key(req, events, target or "")
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
             if hit is not None:
@@ -394,7 +400,7 @@ class IngressCore:
         rows = np.fromiter((where[int(x)] for x in slate.item_id), np.int64, len(slate))
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
 
-        fallback, precomputed = None, False
+        fallback, precomputed, scored_by = None, False, target or ""
         if len(slate):
             now = now_s()
             # A stored encoding counts only when fresher than the use-case's limit and no
@@ -419,6 +425,7 @@ class IngressCore:
             try:
                 out = await self._call_ranker(inp)
                 precomputed = str(out.get("__encoding__", "")) == "precomputed"
+                scored_by = str(out.get(VERSION_KEY, ""))
                 probs = {k: v for k, v in out.items() if not k.startswith("__")}
                 slate = sort_by_score(with_scores(slate, out["__score__"], probs))
             except (TimeoutError, _RankerFailed) as exc:
@@ -447,21 +454,15 @@ class IngressCore:
         resp = RankResponse(
             request_id=rid,
             use_case=uc.name,
-            model_version=(self._version or {}).get("sha256", "") or await self._digest(),
+            model_version=scored_by,
             items=_items(slate),
             num_candidates=num_candidates,
             fallback=fallback,
             used_precomputed_encoding=precomputed,
         ).model_dump()
-        if fallback is None:
+        if fallback is None and target in (None, scored_by):  # mid-rollout: not cached
             self.cache.put(key, resp)
         return resp
-
-    async def _digest(self) -> str:
-        try:
-            return (await self.version())["sha256"]
-        except Exception:  # noqa: BLE001 - the version is informative only
-            return ""
 
     async def _call_ranker(self, inp: RankInput) -> dict[str, np.ndarray]:
         """The ranker's answer for this request; raises TimeoutError past the deadline and
@@ -495,6 +496,10 @@ class UseCaseIngress:
 
     def __init__(self, ranker: DeploymentHandle, args: dict):
         self.core = IngressCore(AppSettings.from_args(args), HandleRanker(ranker))
+
+    def reconfigure(self, config: dict) -> None:
+        """The app's rollout (the same user_config as the ranker's): keys the cache."""
+        _, self.core.target_version = parse_rollout(config)
 
     def __serve_build_asgi_app__(self):
         return build_api(self.core)
