@@ -34,8 +34,8 @@ class RolloutError(RuntimeError):
 
 
 def replica_states(app: str) -> dict[str, dict | None]:
-    """Replica id -> its published rollout state (None before it published one), for the
-    RUNNING ranker replicas of ``app``."""
+    """Replica id -> its published rollout state (None before it published one), for every
+    ranker replica of ``app`` that is not stopping (one in ``reconfigure`` is UPDATING)."""
     from ray.experimental.internal_kv import _internal_kv_get
     from ray.serve.context import _get_global_client
 
@@ -44,7 +44,7 @@ def replica_states(app: str) -> dict[str, dict | None]:
     replicas = deps.get(RANKER_DEPLOYMENT, {}).get("replicas", [])
     out: dict[str, dict | None] = {}
     for r in replicas:
-        if not str(r["state"]).endswith("RUNNING"):
+        if getattr(r["state"], "value", r["state"]) == "STOPPING":
             continue
         raw = _internal_kv_get(f"{ROLLOUT_KV_PREFIX}{app}/{r['replica_id']}")
         out[r["replica_id"]] = json.loads(raw) if raw else None
@@ -52,7 +52,7 @@ def replica_states(app: str) -> dict[str, dict | None]:
 
 
 def wait_rolled_out(apps: list[str], label: str, timeout_s: float) -> dict[str, int]:
-    """Until every RUNNING ranker replica of ``apps`` serves ``label``; RolloutError as soon
+    """Until every ranker replica of ``apps`` serves ``label``; RolloutError as soon
     as one reports that loading ``label`` failed, or at the timeout. Returns {app: replicas}."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -77,7 +77,7 @@ def wait_rolled_out(apps: list[str], label: str, timeout_s: float) -> dict[str, 
         if time.monotonic() > deadline:
             raise RolloutError(
                 f"rollout to {label}: not every ranker replica serves it after {timeout_s} s; "
-                f"replica -> serving: {pending or 'no RUNNING replicas'}"
+                f"replica -> serving: {pending or 'no replicas'}"
             )
         time.sleep(0.2)
 

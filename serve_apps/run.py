@@ -80,7 +80,8 @@ def deployed_apps() -> dict[str, dict[str, Any]]:
     details = _get_global_client().get_serve_details()
     out = {}
     for name, app in details.get("applications", {}).items():
-        if str(app.get("source", "")).endswith("declarative") and app.get("deployed_app_config"):
+        source = getattr(app.get("source"), "value", app.get("source"))  # APIType or str
+        if source == "declarative" and app.get("deployed_app_config"):
             out[name] = app["deployed_app_config"]
     return out
 
