@@ -57,3 +57,27 @@ def _download_registered(uri: str, cfg: UnirankConfig) -> Path:
         return Path(registry.download_serving_dir(uri))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types; name the URI
         raise ConfigError(f"serve.model_uri {uri!r}: cannot download: {exc}") from exc
+
+
+def pin_model_uri(uri: str, cfg: UnirankConfig) -> tuple[str, str]:
+    """``uri`` -> (the concrete URI every replica loads, the label responses report).
+
+    A registry alias (``models:/unirank@champion``) is resolved ONCE, here, to its version
+    (``models:/unirank/7``, label ``unirank/7``), so replicas started later (autoscaling) load
+    the same version as the running ones, whatever the alias says by then. A version URI is
+    kept (label ``name/N``); a local export directory is kept, labelled by its model digest.
+    """
+    if not is_registry_uri(uri):
+        from model.export import model_digest
+
+        return uri, model_digest(resolve_model_dir(uri, cfg))
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    if not sep:  # models:/name/N
+        return uri, uri.removeprefix("models:/")
+    from model import registry
+
+    try:
+        version = registry.version_of_alias(name, alias, cfg.mlflow.tracking_uri)
+    except LookupError as exc:
+        raise ConfigError(f"serve.model_uri {uri!r}: {exc}") from None
+    return f"models:/{name}/{version}", f"{name}/{version}"

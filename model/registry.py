@@ -77,3 +77,19 @@ class UnirankPyfunc(mlflow.pyfunc.PythonModel):
 
         out = self.predictor.predict(model_input)
         return pd.DataFrame({f"{t}_probability": p for t, p in out.items()})
+
+
+def version_of_alias(name: str, alias: str, tracking_uri: str) -> str:
+    """The version ``models:/name@alias`` points to; the error names the alias. The tracking
+    server is ``MLFLOW_TRACKING_URI`` when set, else ``tracking_uri``."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    try:
+        return str(
+            MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(name, alias).version
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types; name the alias
+        raise LookupError(f"models:/{name}@{alias}: no such alias at {uri} ({exc})") from exc

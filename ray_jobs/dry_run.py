@@ -105,6 +105,23 @@ def _flush_log(cfg, args):
     }
 
 
+def _champion(cfg: UnirankConfig, source: str) -> tuple[Locations, Locations]:
+    m = cfg.mlflow
+    outputs: Locations = {
+        "mlflow.champion_alias": f"models:/{m.registered_model}@{m.champion_alias}",
+        "previous champion": f"models:/{m.registered_model}@previous_{m.champion_alias}",
+    }
+    return {"champion source": f"models:/{m.registered_model}{source}"}, outputs
+
+
+def _promote(cfg, args):
+    return _champion(cfg, f"/{args.version}")
+
+
+def _rollback(cfg, args):
+    return _champion(cfg, f"@previous_{cfg.mlflow.champion_alias}")
+
+
 JOBS: dict[str, Declaration] = {
     "generate": _generate,
     "prepare": _prepare,
@@ -115,11 +132,13 @@ JOBS: dict[str, Declaration] = {
     "user_embeddings": _user_embeddings,
     "tune": _tune,
     "flush_log": _flush_log,
+    "promote": _promote,  # ray_jobs.registry promote / rollback
+    "rollback": _rollback,
 }
 # Jobs that resolve local paths to absolute ones first (ray_jobs.train.resolve_paths).
 RESOLVES_PATHS = {"train", "evaluate", "export", "tune"}
 # Jobs that talk to MLflow: their tracking URI is part of what they need.
-TRACKED = {"train", "evaluate", "export", "tune"}
+TRACKED = {"train", "evaluate", "export", "tune", "promote", "rollback"}
 
 
 def _empty(value) -> bool:

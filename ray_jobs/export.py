@@ -295,8 +295,9 @@ def run(cfg: UnirankConfig, checkpoint: str | None = None, address: str | None =
 
     promoted = champ is None or (champ_objective is not None and new_objective > champ_objective)
     margin = None if champ_objective is None else new_objective - champ_objective
-    if promoted:
-        c.set_registered_model_alias(m.registered_model, m.champion_alias, version)
+    if promoted:  # the replaced champion stays reachable for `ray_jobs.registry rollback`
+        why = f"ray_jobs.export: {split} objective {new_objective:.6f} vs {_num(champ_objective)}"
+        registry.promote(cfg, version, reason=why, by="ray_jobs.export")
     result = {
         "registered_model": m.registered_model,
         "version": version,

@@ -142,3 +142,121 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient().set_terminated(run_id, status=status)
+
+
+# ----------------------------------------------------------------- champion: promote / rollback
+
+
+class RegistryError(ValueError):
+    """A promote / rollback that cannot be done: the message names the version or alias."""
+
+
+def previous_alias(cfg: UnirankConfig) -> str:
+    """The alias that remembers the champion before the last move (``previous_champion``)."""
+    return f"previous_{cfg.mlflow.champion_alias}"
+
+
+def _alias_version(c, name: str, alias: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - no such alias (MLflow raises RestException / MlflowException)
+        return None
+
+
+def _move_champion(cfg: UnirankConfig, version: str, action: str, reason: str, by: str | None):
+    """Point the champion alias at ``version`` and the previous alias at the old champion; the
+    who / when / why go into the new champion version's tags."""
+    import datetime
+    import getpass
+
+    c, m = client(cfg), cfg.mlflow
+    try:
+        c.get_model_version(m.registered_model, version)
+    except Exception as exc:  # noqa: BLE001 - unknown model or version
+        known = sorted((int(v.version) for v in _versions(c, m.registered_model)), reverse=True)
+        raise RegistryError(
+            f"{action}: registered model {m.registered_model!r} has no version {version} "
+            f"(versions: {known[:20] or 'none'}) at {cfg.mlflow.tracking_uri}"
+        ) from exc
+    before = _alias_version(c, m.registered_model, m.champion_alias)
+    at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    by = by or getpass.getuser()
+    if before != version:
+        c.set_registered_model_alias(m.registered_model, m.champion_alias, version)
+        if before is not None:
+            c.set_registered_model_alias(m.registered_model, previous_alias(cfg), before)
+    tags = {"action": action, "by": by, "at": at, "reason": reason, "replaced": before or ""}
+    for k, v in tags.items():
+        c.set_model_version_tag(m.registered_model, version, f"unirank.champion.{k}", v[:500])
+    result = {"registered_model": m.registered_model, "champion": version, "previous": before}
+    log.info("%s: @%s %s -> v%s (%s, by %s)", action, m.champion_alias, before, version, reason, by)
+    return {**result, **tags, "changed": before != version}
+
+
+def _versions(c, name: str) -> list:
+    try:
+        return list(c.search_model_versions(f"name='{name}'"))
+    except Exception:  # noqa: BLE001 - no such registered model
+        return []
+
+
+def promote(cfg: UnirankConfig, version: int | str, reason: str = "", by: str | None = None):
+    """``@champion`` -> ``version``; the champion it replaces becomes ``@previous_champion``."""
+    return _move_champion(cfg, str(version), "promote", reason, by)
+
+
+def rollback(cfg: UnirankConfig, reason: str = "", by: str | None = None):
+    """``@champion`` -> ``@previous_champion``; the replaced one becomes the previous, so a
+    second rollback undoes the first (like ``kubectl rollout undo``)."""
+    m = cfg.mlflow
+    prev = _alias_version(client(cfg), m.registered_model, previous_alias(cfg))
+    if prev is None:
+        raise RegistryError(
+            f"rollback: no previous champion: alias models:/{m.registered_model}@"
+            f"{previous_alias(cfg)} is not set at {m.tracking_uri} (set by promote / export)"
+        )
+    return _move_champion(cfg, prev, "rollback", reason, by)
+
+
+COMMANDS = ("promote", "rollback")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ray_jobs.registry promote CONFIG --version N`` / ``rollback CONFIG``."""
+    import sys
+
+    from ray_jobs.common import job_parser, parse_job_args, setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            f"usage: python -m ray_jobs.registry {{{','.join(COMMANDS)}}} CONFIG ...",
+            file=sys.stderr,
+        )
+        return 2
+    command = argv.pop(0)
+    p = job_parser(f"Move the champion alias: {command}", job=command)
+    p.prog = f"python -m ray_jobs.registry {command}"
+    if command == "promote":
+        p.add_argument("--version", type=int, required=True, help="registered version number")
+    p.add_argument("--reason", default="", help="why (kept in the version's tags)")
+    p.add_argument("--by", default=None, help="who (default: the OS user)")
+    args, cfg = parse_job_args(p, argv)
+    if command == "promote" and not 1 <= args.version < 2**31:
+        p.exit(
+            2, f"error: --version must be a registered version number >= 1, got {args.version}\n"
+        )
+    setup_logging()
+    try:
+        if command == "promote":
+            result = promote(cfg, args.version, args.reason, args.by)
+        else:
+            result = rollback(cfg, args.reason, args.by)
+    except RegistryError as exc:
+        p.exit(2, f"error: {exc}\n")
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

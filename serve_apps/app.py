@@ -15,8 +15,13 @@ from typing import Any
 
 from ray.serve import Application
 
-from model.config import ConfigError
-from serve_apps.deploy_config import INGRESS_DEPLOYMENT, RANKER_DEPLOYMENT, deployment_options
+from model.model_dir import pin_model_uri
+from serve_apps.deploy_config import (
+    INGRESS_DEPLOYMENT,
+    RANKER_DEPLOYMENT,
+    deployment_options,
+    rollout_config,
+)
 from serve_apps.ingress import UseCaseIngress
 from serve_apps.ranker import Ranker
 from serve_apps.settings import AppSettings
@@ -26,21 +31,21 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if k != "name"}
 
 
-def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None) -> Application:
-    """Serve application builder; ``args`` as written by ``deploy_config.build_serve_config``.
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder; ``args`` as written by ``deploy_config.build_serve_config``
+    (Serve's builders take exactly one argument; ``serve deploy`` applies the config's
+    ``deployments`` entries over these options itself).
 
     The args are validated here (the config, the use-case, the args' keys), so a bad deploy
     fails when the application is built, with the field named, not inside a replica.
-    ``deployments``: the config's per-deployment entries, merged over the use-case's options
-    (what ``serve deploy`` does with the same YAML).
+    ``model_uri`` is pinned here, once (an alias -> its version, ``model_dir.pin_model_uri``),
+    into both deployments' ``user_config``, so every replica of this build serves the same
+    version; ``serve_apps.rollout`` moves it later through ``user_config`` alone.
     """
     s = AppSettings.from_args(args)
     opts = deployment_options(s.use_case, s.cfg)
-    for d in deployments or []:
-        if d["name"] not in opts:
-            raise ConfigError(
-                f"deployments: unknown deployment {d['name']!r}; known {sorted(opts)}"
-            )
-        opts[d["name"]] = {**opts[d["name"]], **d}
+    user_config = rollout_config(*pin_model_uri(s.model_uri or "", s.cfg))
+    for name in opts:
+        opts[name] = {**opts[name], "user_config": user_config}
     ranker = Ranker.options(**_options(opts[RANKER_DEPLOYMENT])).bind(args)
     return UseCaseIngress.options(**_options(opts[INGRESS_DEPLOYMENT])).bind(ranker, args)

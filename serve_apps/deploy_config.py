@@ -32,6 +32,8 @@ INGRESS_NUM_CPUS = 0.1
 # GPU share a ranker replica reserves when serve.device is cuda and its use-case sets no
 # num_gpus: small rankers pack four to a GPU, and Ray places them on GPU nodes only.
 CUDA_RANKER_GPUS = 0.25
+# + "<app>/<replica id>": where each ranker replica publishes its rollout state (Ray's KV)
+ROLLOUT_KV_PREFIX = "unirank/rollout/"
 
 
 def load_use_cases(directory: str | Path) -> list[UseCaseConfig]:
@@ -173,6 +175,38 @@ def build_serve_config(
         },
         "applications": apps,
     }
+
+
+def rollout_config(model_uri: str, model_version: str) -> dict[str, str]:
+    """The ``user_config`` of both deployments of an app: the concrete model every replica
+    serves (``models:/unirank/7``, never an alias) and the label responses report."""
+    return {"model_uri": model_uri, "model_version": model_version}
+
+
+def parse_rollout(config: Any) -> tuple[str, str]:
+    """A deployment's ``user_config`` -> (model_uri, model_version); errors name the key."""
+    if not isinstance(config, dict) or set(config) != {"model_uri", "model_version"}:
+        raise ConfigError(
+            f"user_config must be {{model_uri, model_version}} (deploy_config.rollout_config), "
+            f"got {config!r:.200}"
+        )
+    for key in ("model_uri", "model_version"):
+        if not isinstance(config[key], str) or not config[key] or len(config[key]) > 2048:
+            raise ConfigError(f"user_config.{key} must be a non-empty string, got {config[key]!r}")
+    return config["model_uri"], config["model_version"]
+
+
+def with_rollout(serve_config: dict[str, Any], model_uri: str, model_version: str) -> dict:
+    """``serve_config`` with ``user_config`` = rollout_config(...) on the ingress and the ranker
+    of every application. Only ``user_config`` differs from the running config, so Serve applies
+    it as a lightweight update: ``reconfigure`` on every running replica, no restart; replicas
+    started later (autoscaling) get the same config before they take traffic."""
+    out = {**serve_config, "applications": []}
+    user_config = rollout_config(model_uri, model_version)
+    for app in serve_config["applications"]:
+        deployments = [{**d, "user_config": dict(user_config)} for d in app["deployments"]]
+        out["applications"].append({**app, "deployments": deployments})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ serve_apps.api.build_api over an :class:`IngressCore`):
     POST /events    append a user's event to the store     -> EventAck
     POST /profile   set fields of a user's online profile  -> ProfileAck
     GET  /healthz   liveness + model, store, index status
-    GET  /version   the served model (URI, digest, manifest, device)
+    GET  /version   the served model (URI, version, digest, manifest, device, last rollout)
     GET  /docs, /openapi.json
 
 A request flows: body limit (before parsing) -> schema bounds (422 naming the field) ->
@@ -17,6 +17,11 @@ length) and profile (the export's profile table < the store's online profile < t
 -> Ranker (deadline = the use-case's request_timeout_s) -> post rules + top_k. A ranker
 error, a non-finite score or a missed deadline is answered by the fallback policy
 (``fallback`` field set, counted in ``unirank_fallbacks``); never a score that is not finite.
+
+``model_version`` in a response is the version that scored it (from the ranker's result). The
+cache is keyed by the version this app rolls out (``user_config``, the same as the ranker's)
+and keeps only responses scored by it, so a rollout or rollback never serves a cached score of
+another version.
 
 :class:`IngressCore` has no Serve in it: the deployment gives it a handle to the Ranker
 deployment (:class:`HandleRanker`); tests give it the ranker's in-process path
@@ -39,7 +44,7 @@ from model.config import ArmConfig, ExperimentConfig
 from model.exposure_log import Exposure, Outcome
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
-from serve_apps.deploy_config import INGRESS_DEPLOYMENT
+from serve_apps.deploy_config import INGRESS_DEPLOYMENT, parse_rollout
 from serve_apps.experiments import assign_arm
 from serve_apps.exposures import make_exposure_log
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
@@ -72,6 +77,7 @@ CACHE_MAX_ENTRIES = 10_000
 STORE_TIMEOUT_S = 0.5
 ERROR_KEY = "__error__"  # serve_apps.ranker.ERROR_KEY (the ingress does not import torch)
 HOLDOUT_VERSION = "popularity"  # model_version of a holdout arm's answers
+VERSION_KEY = "__model_version__"  # serve_apps.ranker.VERSION_KEY
 
 
 class RankerClient(Protocol):
@@ -124,13 +130,18 @@ class ResultCache:
 
 
 def cache_key(
-    req: RankRequest, events: Events, profile: dict | None = None, arm: str | None = None
+    req: RankRequest,
+    events: Events,
+    profile: dict | None = None,
+    arm: str | None = None,
+    model_version: str = "",
 ) -> str:
     """The request minus its id, plus the user's exact history (new or backfilled events
-    bust the cache), online profile (so does a profile update) and experiment arm (arms
-    never share answers)."""
+    bust the cache), online profile (so does a profile update), experiment arm (arms never
+    share answers) and the model version being served."""
     body = req.model_dump(exclude={"request_id"})
-    text = json.dumps([body, events.digest(), profile or {}, arm], sort_keys=True, default=str)
+    parts = [body, events.digest(), profile or {}, arm, model_version]
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -218,7 +229,8 @@ class IngressCore:
         self.experiment: ExperimentConfig | None = uc.experiment
         self.profiles = load_profiles(s)
         self.known_task_types = set(s.cfg.dataset.task_types)
-        self._version: dict | None = None
+        # The version this app rolls out (user_config); None = whatever the ranker serves.
+        self.target_version: str | None = None
 
     def body_limit(self, route: str) -> int:
         return self.max_body if route == "/rank" else SMALL_BODY_BYTES
@@ -279,11 +291,9 @@ class IngressCore:
         }
 
     async def version(self) -> dict:
-        if self._version is None:
-            self._version = await asyncio.wait_for(
-                self.ranker.version(), self.settings.request_timeout_s + 5.0
-            )
-        return {"use_case": self.uc.name, **self._version}
+        """Asked each time: a rollout changes it (one ranker replica answers)."""
+        got = await asyncio.wait_for(self.ranker.version(), self.settings.request_timeout_s + 5.0)
+        return {"use_case": self.uc.name, **got, "target_version": self.target_version}
 
     async def events(self, event: Event) -> EventAck:
         ts = event.timestamp if event.timestamp is not None else now_s()
@@ -405,7 +415,8 @@ class IngressCore:
         # the export's profile table < the online profile < the request's own fields
         profile, profile_lists = user_profile(self.profiles, req.user_id, online, req.profile)
         arm = assign_arm(req.user_id, self.experiment) if self.experiment else None
-        key = cache_key(req, events, online, arm.name if arm else None)
+        target = self.target_version
+        key = cache_key(req, events, online, arm.name if arm else None, target or "")
         if uc.cache_ttl_s > 0:
             hit = self.cache.get(key)
             if hit is not None:
@@ -430,10 +441,10 @@ class IngressCore:
         feats = {k: v[rows] for k, v in feats.items()}  # aligned with the slate
         lists = {k: v.take(rows) for k, v in lists.items()}
 
-        fallback, precomputed, version = None, False, None
+        fallback, precomputed, scored_by = None, False, target or ""
         if arm is not None and arm.policy == "popularity":  # the holdout: not personalized
             slate = slate.take(np.argsort(-feats["popularity"], kind="stable"))
-            version = HOLDOUT_VERSION
+            scored_by = HOLDOUT_VERSION
         elif len(slate):
             now = now_s()
             # A stored encoding counts only when fresher than the use-case's limit and no
@@ -462,6 +473,7 @@ class IngressCore:
             try:
                 out = await self._call_ranker(inp)
                 precomputed = str(out.get("__encoding__", "")) == "precomputed"
+                scored_by = str(out.get(VERSION_KEY, ""))
                 probs = {k: v for k, v in out.items() if not k.startswith("__")}
                 slate = sort_by_score(with_scores(slate, out["__score__"], probs))
             except (TimeoutError, _RankerFailed) as exc:
@@ -490,9 +502,7 @@ class IngressCore:
         resp = RankResponse(
             request_id=rid,
             use_case=uc.name,
-            model_version=version
-            or (self._version or {}).get("sha256", "")
-            or await self._digest(),
+            model_version=scored_by,
             items=_items(slate),
             num_candidates=num_candidates,
             fallback=fallback,
@@ -500,7 +510,8 @@ class IngressCore:
             experiment=self.experiment.id if arm is not None else None,
             arm=arm.name if arm is not None else None,
         ).model_dump()
-        if fallback is None:
+        # mid-rollout answers of the old version are not cached; a holdout's always can be
+        if fallback is None and (target in (None, scored_by) or scored_by == HOLDOUT_VERSION):
             self.cache.put(key, resp)
         await self._exposed(resp, req.user_id, arm, t0)
         return resp
@@ -542,12 +553,6 @@ class IngressCore:
             self.metrics.inc("unirank_errors", kind="exposure_log", route=f"/{record.kind}")
             logger.warning("task_type=%s exposure log write failed: %r", self.name, exc)
 
-    async def _digest(self) -> str:
-        try:
-            return (await self.version())["sha256"]
-        except Exception:  # noqa: BLE001 - the version is informative only
-            return ""
-
     async def _call_ranker(self, inp: RankInput) -> dict[str, np.ndarray]:
         """The ranker's answer for this request; raises TimeoutError past the deadline and
         _RankerFailed when it failed, refused the input or returned a non-finite value."""
@@ -580,6 +585,10 @@ class UseCaseIngress:
 
     def __init__(self, ranker: DeploymentHandle, args: dict):
         self.core = IngressCore(AppSettings.from_args(args), HandleRanker(ranker))
+
+    def reconfigure(self, config: dict) -> None:
+        """The app's rollout (the same user_config as the ranker's): keys the cache."""
+        _, self.core.target_version = parse_rollout(config)
 
     def __serve_build_asgi_app__(self):
         return build_api(self.core)

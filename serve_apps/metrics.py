@@ -56,6 +56,11 @@ METRICS = {
         "User-sequence encodings: precomputed (feature store) or on_the_fly, and why",
         ("source", "reason"),
     ),
+    "unirank_rollouts": (
+        "counter",
+        "Model rollouts (user_config reconfigure) on a ranker replica, by outcome (ok / failed)",
+        ("outcome",),
+    ),
 }
 _BOUNDARIES = {
     "unirank_request_latency_ms": LATENCY_MS_BUCKETS,

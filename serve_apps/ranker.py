@@ -16,12 +16,22 @@ batch, so a malformed one is refused alone; if a batched call still fails, every
 the batch is scored again on its own, so only the culprit fails; a request whose scores are
 not all finite is answered with ``__error__`` (the ingress serves its fallback, marked
 ``model_error``) while the others of its batch are returned as scored.
+
+Rollout: the model comes from the deployment's ``user_config`` (deploy_config.rollout_config:
+a concrete version, pinned by the deploying side). Serve calls :meth:`Ranker.reconfigure`
+before a new replica takes traffic and on every running replica when the config changes: the
+new model is loaded, checked and warmed up beside the old one, then swapped in one
+assignment; batches in flight finish on the model they started with. A model that fails to
+load leaves the replica serving the old one, with the error in ``/version`` and
+``unirank_rollouts{outcome="failed"}``. Every result names the version that scored it
+(``__model_version__``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 
@@ -32,7 +42,7 @@ from ray import serve
 from model.config import ConfigError
 from model.export import load_predictor, user_bucket
 from serve_apps.bounds import EventTimes, InvalidRankInput, check_rank_input
-from serve_apps.deploy_config import RANKER_DEPLOYMENT
+from serve_apps.deploy_config import RANKER_DEPLOYMENT, ROLLOUT_KV_PREFIX, parse_rollout
 from serve_apps.feature_store import Encoding, Events
 from serve_apps.metrics import ServingMetrics
 from serve_apps.model_store import model_version, resolve_model_dir
@@ -43,6 +53,7 @@ logger = logging.getLogger("ray.serve")
 PRECOMPUTED, ON_THE_FLY = "precomputed", "on_the_fly"  # unirank_user_encoding{source}
 ERROR_KEY = "__error__"  # in a result: why this request could not be scored
 ROUTE = "ranker"  # the route tag of the ranker's own metrics
+VERSION_KEY = "__model_version__"  # in a result: the model version that scored it
 
 
 def pick_device(setting: str, num_gpus: float) -> str:
@@ -64,7 +75,8 @@ def ranking_score(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np
 class ModelScorer:
     """The model side of the ranker, without Serve: load, check, warm up, score a batch."""
 
-    def __init__(self, s: AppSettings):
+    def __init__(self, s: AppSettings, label: str | None = None):
+        """``label``: the model version responses report (default: the model's digest)."""
         self.settings = s
         uc = s.use_case
         self.path = resolve_model_dir(s.model_uri, s.cfg)
@@ -88,6 +100,7 @@ class ModelScorer:
         self.weights = dict(uc.score_weights)
         self.times = EventTimes.from_config(s.cfg)
         self.version = model_version(self.path, s.model_uri or str(self.path))
+        self.version["model_version"] = label or self.version["sha256"]
         self.version["device"] = self.device
         self.version["cuda_graphs"] = self.predictor.cuda_graphs_reason or "on"
 
@@ -124,6 +137,7 @@ class ModelScorer:
                 o[ERROR_KEY] = np.asarray("non_finite_score")
             o["__encoding__"] = np.asarray(source)
             o["__encoding_reason__"] = np.asarray(reason)
+            o[VERSION_KEY] = np.asarray(self.version["model_version"])
         return out
 
     def score_batch(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
@@ -233,25 +247,80 @@ class Ranker:
         uc = s.use_case
         # A replica owns a fraction of a core: more intra-op threads only contend.
         torch.set_num_threads(max(1, int(uc.num_cpus)))
+        self.settings = s
         self.use_case = uc.name
-        self.scorer = ModelScorer(s)
         self.metrics = ServingMetrics(uc.name)
         self.rank_batch.set_max_batch_size(uc.max_batch_size)
         self.rank_batch.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
         self._fault: tuple[str, float] | None = None
-        self.scorer.warm_up(warmup_input(uc.name))
+        # Loaded by reconfigure(user_config), which Serve calls before this replica takes
+        # traffic (serve_apps.app.build_app always sets a user_config).
+        self.scorer: ModelScorer | None = None
+        self.rollout: dict = {"target": None, "serving": None, "error": None, "at": None}
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's lightweight update: load ``config``'s model beside the serving one, check
+        and warm it up, then swap. The first model of a replica must load (the replica does
+        not start without one); a later one that fails leaves the old one serving."""
+        uri, label = parse_rollout(config)
+        current = self.scorer
+        if current is not None and (
+            current.settings.model_uri,
+            current.version["model_version"],
+        ) == (uri, label):
+            return
+        self.rollout.update(target=label, error=None)
+        t0 = time.monotonic()
+        try:
+            scorer = await asyncio.to_thread(self._load, uri, label)
+        except Exception as exc:
+            if current is None:
+                raise
+            self.rollout.update(error=f"{type(exc).__name__}: {exc}"[:1000], at=time.time())
+            self.metrics.inc("unirank_rollouts", outcome="failed")
+            logger.error(
+                "task_type=%s rollout to %s (%s) failed, still serving %s: %r",
+                self.use_case, label, uri, current.version["model_version"], exc,
+            )  # fmt: skip
+            self._publish()
+            return
+        self.scorer = scorer  # the swap: one assignment; batches in flight keep the old one
+        load_s = round(time.monotonic() - t0, 3)
+        self.rollout.update(serving=label, at=time.time(), load_s=load_s)
+        self.metrics.inc("unirank_rollouts", outcome="ok")
         logger.info(
-            "ranker ready task_type=%s model=%s device=%s buckets=%s",
-            uc.name,
-            self.scorer.version["sha256"],
-            self.scorer.device,
-            self.scorer.predictor.shape_buckets,
-        )
+            "ranker ready task_type=%s model_version=%s sha256=%s device=%s buckets=%s load_s=%s",
+            self.use_case, label, scorer.version["sha256"], scorer.device,
+            scorer.predictor.shape_buckets, load_s,
+        )  # fmt: skip
+        self._publish()
+
+    def _load(self, uri: str, label: str) -> ModelScorer:
+        scorer = ModelScorer(dataclasses.replace(self.settings, model_uri=uri), label)
+        scorer.warm_up(warmup_input(self.use_case))
+        return scorer
+
+    def _publish(self) -> None:
+        """This replica's rollout state in the cluster's KV, where ``serve_apps.rollout``
+        checks that every replica serves the new version (or which ones failed)."""
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        try:
+            ctx = serve.get_replica_context()
+            key = f"{ROLLOUT_KV_PREFIX}{ctx.app_name}/{ctx.replica_id.unique_id}"
+            _internal_kv_put(key, json.dumps(self.rollout), overwrite=True)
+        except Exception as exc:  # noqa: BLE001 - reporting must not break serving
+            logger.warning("task_type=%s cannot publish the rollout state: %r", self.use_case, exc)
+
+    def _scorer(self) -> ModelScorer:
+        if self.scorer is None:  # only a Ranker bound without user_config
+            raise RuntimeError("ranker: no model loaded (the deployment needs a user_config)")
+        return self.scorer
 
     async def rank(self, inp: RankInput) -> dict[str, np.ndarray]:
         """One request's probabilities and score, or ``__error__`` (never raises for a bad
         input: it is refused here, before it can join and spoil a batch)."""
-        refused = refuse(inp, self.scorer.times)
+        refused = refuse(inp, self._scorer().times)
         if refused is not None:
             self.metrics.inc("unirank_errors", kind="invalid_input", route=ROUTE)
             return refused
@@ -259,6 +328,7 @@ class Ranker:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank_batch(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
+        scorer = self._scorer()  # the whole batch on one model, even if a rollout swaps it
         if self._fault is not None:
             kind, delay = self._fault
             if kind == "slow":
@@ -267,7 +337,7 @@ class Ranker:
                 raise RuntimeError("injected model failure (Ranker.set_fault)")
         t0 = time.perf_counter()
         # The forward pass is CPU-bound: off the event loop, so health checks still answer.
-        out = await asyncio.to_thread(self.scorer.score_batch, inputs)
+        out = await asyncio.to_thread(scorer.score_batch, inputs)
         self.metrics.observe("unirank_model_latency_ms", (time.perf_counter() - t0) * 1e3)
         for o in out:
             if ERROR_KEY in o:
@@ -283,7 +353,8 @@ class Ranker:
         return out
 
     def version(self) -> dict:
-        return dict(self.scorer.version)
+        """The serving model and this replica's last rollout (target, error, when)."""
+        return {**self._scorer().version, "rollout": dict(self.rollout)}
 
     def set_fault(self, kind: str | None, delay_s: float = 0.0) -> None:
         """Fault injection for drills and tests (not reachable over HTTP): ``"error"`` makes

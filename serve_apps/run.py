@@ -29,8 +29,8 @@ import ray
 from ray import serve
 
 from model.config import ConfigError, UnirankConfig, UseCaseConfig, config_args, load_config
-from serve_apps.app import build_app
-from serve_apps.deploy_config import build_serve_config, load_use_cases
+from model.model_dir import pin_model_uri
+from serve_apps.deploy_config import build_serve_config, load_use_cases, with_rollout
 from serve_apps.model_store import resolve_model_dir
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
 
@@ -60,28 +60,45 @@ def bootstrap_model(cfg: UnirankConfig, workdir: str | Path, data: list[str] | N
 def deploy(serve_config: dict[str, Any], timeout_s: float = 180.0) -> dict[str, str]:
     """Deploy a generated multi-application Serve config on the connected Ray cluster.
 
-    Starts Serve with the config's ``http_options`` (a running Serve keeps its own), builds
-    every application with ``serve_apps.app:build_app`` from its args and its ``deployments``
-    entries (as ``serve deploy`` would), deploys them together
-    and waits until all are RUNNING. Returns {application: base URL}.
+    Starts Serve with the config's ``http_options`` (a running Serve keeps its own) and
+    applies the config declaratively, as ``serve deploy`` does (so a later ``user_config``
+    change is a lightweight update: serve_apps.rollout). Applications already deployed this
+    way and absent from ``serve_config`` keep running. Waits until all are RUNNING. Returns
+    {application: base URL}.
     """
     http = serve_config["http_options"]
     serve.start(
         http_options={"host": http["host"], "port": http["port"]},
         proxy_location=serve_config.get("proxy_location", "EveryNode"),
     )
-    targets = [
-        serve.RunTarget(
-            target=build_app(a["args"], a.get("deployments")),
-            name=a["name"],
-            route_prefix=a["route_prefix"],
-        )
-        for a in serve_config["applications"]
-    ]
-    serve.run_many(targets, wait_for_applications_running=False)
+    apply_apps(serve_config["applications"])
     wait_running([a["name"] for a in serve_config["applications"]], timeout_s)
     base = f"http://{http['host']}:{http['port']}"
     return {a["name"]: base + a["route_prefix"] for a in serve_config["applications"]}
+
+
+def deployed_apps() -> dict[str, dict[str, Any]]:
+    """The applications deployed declaratively on the connected Serve, as their configs."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    out = {}
+    for name, app in details.get("applications", {}).items():
+        source = getattr(app.get("source"), "value", app.get("source"))  # APIType or str
+        if source == "declarative" and app.get("deployed_app_config"):
+            out[name] = app["deployed_app_config"]
+    return out
+
+
+def apply_apps(applications: list[dict[str, Any]]) -> None:
+    """Apply these application configs over the deployed ones (the same apply as the
+    dashboard's ``PUT /api/serve/applications/``); the others keep running unchanged."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    apps = {**deployed_apps(), **{a["name"]: a for a in applications}}
+    schema = ServeDeploySchema.model_validate({"applications": list(apps.values())})
+    _get_global_client().deploy_apps(schema)
 
 
 def wait_running(names: list[str], timeout_s: float) -> None:
@@ -228,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_cases = fit_to_cluster(use_cases, free_cpus())
         serve_config = build_serve_config(cfg, use_cases, host=cfg.serve.host, model_uri=uri)
-        urls = deploy(serve_config)
+        pinned, label = pin_model_uri(uri, cfg)  # every replica serves this version
+        urls = deploy(with_rollout(serve_config, pinned, label))
+        print(f"serving {label} ({pinned}); move it with python -m serve_apps.rollout")
         for name, url in urls.items():
             print(f"{name:15s} POST {url}/rank   POST {url}/events   GET {url}/docs")
         print("Serving; Ctrl-C to stop.", flush=True)

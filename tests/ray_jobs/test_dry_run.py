@@ -27,6 +27,9 @@ MODULES = {
     "user_embeddings": "ray_jobs.user_embeddings",
     "tune": "tuning.search",
     "flush_log": "ray_jobs.flush_log",
+    # module, then the arguments before the config
+    "promote": "ray_jobs.registry promote --version 3",
+    "rollback": "ray_jobs.registry rollback",
 }
 SPLITS = [
     "dataset.train=[s3://b/prepared/train]",
@@ -37,8 +40,9 @@ SPLITS = [
 
 
 def _dry_run(module: str, argv: list[str], capsys) -> tuple[int, dict | None, str]:
+    module, *command = module.split()
     with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(module).main([*argv, "--dry-run"])
+        importlib.import_module(module).main([*command, *argv, "--dry-run"])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     return exit_.value.code or 0, json.loads(lines[-1])["dry_run"] if lines else None, err

@@ -46,6 +46,7 @@ def test_register_champion_rule_load_by_alias_and_warm_start(
     client = MlflowClient(cfg.mlflow.tracking_uri)
     champ = client.get_model_version_by_alias(name, "champion")
     assert champ.version == first["version"]
+    assert champ.tags["unirank.champion.by"] == "ray_jobs.export"  # via registry.promote
     assert float(champ.tags["objective"]) == pytest.approx(first["objective"], abs=1e-6)
     # The champion rule decides on validation; the test split is scored but only reported.
     assert first["objective_split"] == champ.tags["objective_split"] == "validation"
