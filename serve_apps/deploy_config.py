@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from model.config import ConfigError, UnirankConfig, UseCaseConfig, load_config
+from model.config import ConfigError, ExperimentConfig, UnirankConfig, UseCaseConfig, load_config
 
 IMPORT_PATH = "serve_apps.app:build_app"
 INGRESS_DEPLOYMENT = "UseCaseIngress"
@@ -183,28 +183,93 @@ def rollout_config(model_uri: str, model_version: str) -> dict[str, str]:
     return {"model_uri": model_uri, "model_version": model_version}
 
 
-def parse_rollout(config: Any) -> tuple[str, str]:
-    """A deployment's ``user_config`` -> (model_uri, model_version); errors name the key."""
-    if not isinstance(config, dict) or set(config) != {"model_uri", "model_version"}:
-        raise ConfigError(
-            f"user_config must be {{model_uri, model_version}} (deploy_config.rollout_config), "
-            f"got {config!r:.200}"
-        )
+USER_CONFIG_KEYS = {"model_uri", "model_version"}
+OPTIONAL_USER_CONFIG_KEYS = {"arms", "experiment"}  # an online experiment's (experiments.md)
+
+
+def _model(config: Any, where: str) -> tuple[str, str]:
     for key in ("model_uri", "model_version"):
-        if not isinstance(config[key], str) or not config[key] or len(config[key]) > 2048:
-            raise ConfigError(f"user_config.{key} must be a non-empty string, got {config[key]!r}")
+        v = config.get(key) if isinstance(config, dict) else None
+        if not isinstance(v, str) or not v or len(v) > 2048:
+            raise ConfigError(f"{where}.{key} must be a non-empty string, got {v!r:.200}")
     return config["model_uri"], config["model_version"]
 
 
-def with_rollout(serve_config: dict[str, Any], model_uri: str, model_version: str) -> dict:
+def parse_rollout(config: Any) -> tuple[str, str]:
+    """A deployment's ``user_config`` -> (model_uri, model_version); errors name the key."""
+    if (
+        not isinstance(config, dict)
+        or not set(config) >= USER_CONFIG_KEYS
+        or (set(config) - USER_CONFIG_KEYS - OPTIONAL_USER_CONFIG_KEYS)
+    ):
+        raise ConfigError(
+            f"user_config must be {{model_uri, model_version}} (deploy_config.rollout_config), "
+            f"optionally with arms and experiment, got {config!r:.200}"
+        )
+    return _model(config, "user_config")
+
+
+def parse_arms(config: dict) -> dict[str, tuple[str, str]]:
+    """``user_config.arms``: experiment arm -> its pinned (model_uri, model_version)."""
+    arms = config.get("arms") or {}
+    if not isinstance(arms, dict) or len(arms) > 16:
+        raise ConfigError(
+            f"user_config.arms must map at most 16 arm names to models, got {arms!r:.200}"
+        )
+    return {str(name): _model(m, f"user_config.arms.{name}") for name, m in arms.items()}
+
+
+def parse_experiment(config: dict) -> ExperimentConfig | None:
+    """``user_config.experiment``: the running experiment (arms and shares), or None."""
+    raw = config.get("experiment")
+    if raw is None:
+        return None
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"user_config.experiment: {exc}") from None
+
+
+def experiment_user_config(uc: UseCaseConfig, pin) -> dict[str, Any]:
+    """The ``arms`` and ``experiment`` keys of a use-case's ``user_config``: each model arm
+    with a ``model_uri`` pinned ONCE by ``pin(uri) -> (uri, label)``, like the live model."""
+    exp = uc.experiment
+    if exp is None:
+        return {}
+    arms = {}
+    for arm in exp.arms:
+        if arm.policy == "model" and arm.model_uri:
+            uri, label = pin(arm.model_uri)
+            arms[arm.name] = rollout_config(uri, label)
+    return {"arms": arms, "experiment": exp.model_dump(mode="json")}
+
+
+def with_rollout(
+    serve_config: dict[str, Any],
+    model_uri: str,
+    model_version: str,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> dict:
     """``serve_config`` with ``user_config`` = rollout_config(...) on the ingress and the ranker
-    of every application. Only ``user_config`` differs from the running config, so Serve applies
-    it as a lightweight update: ``reconfigure`` on every running replica, no restart; replicas
-    started later (autoscaling) get the same config before they take traffic."""
+    of every application, keeping what else their user_config holds (an experiment's arms),
+    plus ``extra[app]`` where given. Only ``user_config`` differs from the running config, so
+    Serve applies it as a lightweight update: ``reconfigure`` on every running replica, no
+    restart; replicas started later (autoscaling) get the same config before they take
+    traffic."""
     out = {**serve_config, "applications": []}
-    user_config = rollout_config(model_uri, model_version)
     for app in serve_config["applications"]:
-        deployments = [{**d, "user_config": dict(user_config)} for d in app["deployments"]]
+        more = (extra or {}).get(app["name"], {})
+        deployments = [
+            {
+                **d,
+                "user_config": {
+                    **(d.get("user_config") or {}),
+                    **more,
+                    **rollout_config(model_uri, model_version),
+                },
+            }
+            for d in app["deployments"]
+        ]
         out["applications"].append({**app, "deployments": deployments})
     return out
 

@@ -1,6 +1,7 @@
 """Online experiments: which arm serves a user, and what the arms did.
 
     python -m serve_apps.experiments report [CONFIG] [key=value ...] [--log DIR] [--mlflow]
+    python -m serve_apps.experiments apply [CONFIG] [key=value ...] [--log DIR] [--dry-run]
 
 A use-case's ``experiment`` (model.config.ExperimentConfig) splits its users between arms:
 the champion, challengers (other model versions) and a holdout (a non-personalized policy).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -280,19 +282,84 @@ def log_to_mlflow(cfg: UnirankConfig, use_case: str, r: dict) -> str:
     return run_id
 
 
+def stop_arms(exp: ExperimentConfig, names: list[str]) -> ExperimentConfig:
+    """``exp`` with the ``names`` arms' shares set to 0 and given to the control: their users
+    are served by the control from the next request on."""
+    moved = sum(a.share for a in exp.arms if a.name in names and a.name != exp.control)
+    arms = [
+        a.model_copy(
+            update={
+                "share": 0.0
+                if a.name in names and a.name != exp.control
+                else a.share + (moved if a.name == exp.control else 0.0)
+            }
+        )
+        for a in exp.arms
+    ]
+    return exp.model_copy(update={"arms": arms})
+
+
+def to_stop(exp: ExperimentConfig, report: dict) -> list[str]:
+    """Arms the report says to stop that still get traffic."""
+    live = {a.name for a in exp.arms if a.share > 0}
+    return sorted(
+        name
+        for name, a in report["arms"].items()
+        if a.get("decision", {}).get("action") == "stop" and name in live
+    )
+
+
+def push_experiment(app: str, exp: ExperimentConfig) -> None:
+    """Set the running application's experiment (``user_config.experiment``) live: a
+    lightweight Serve update, the ingress replicas reconfigure, nothing restarts."""
+    from serve_apps.run import apply_apps, deployed_apps
+
+    spec = deployed_apps().get(app)
+    if spec is None:
+        raise ConfigError(f"no deployed application {app!r} to change (serve_apps.run starts it)")
+    deployments = [
+        {
+            **d,
+            "user_config": {
+                **(d.get("user_config") or {}),
+                "experiment": exp.model_dump(mode="json"),
+            },
+        }
+        for d in spec["deployments"]
+    ]
+    apply_apps([{**spec, "deployments": deployments}])
+
+
+def live_experiment(app: str) -> ExperimentConfig | None:
+    """The experiment the running application serves now (a previous apply may have changed
+    the shares the config file has)."""
+    from serve_apps.deploy_config import INGRESS_DEPLOYMENT, parse_experiment
+    from serve_apps.run import deployed_apps
+
+    spec = deployed_apps().get(app) or {}
+    for d in spec.get("deployments", []):
+        if d["name"] == INGRESS_DEPLOYMENT and d.get("user_config"):
+            return parse_experiment(d["user_config"])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Online experiments: per-arm report with always-valid tests."
     )
     sub = p.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="analyze the flushed exposure log (ray_jobs.flush_log)")
-    rep.add_argument("config", nargs="?", help="project config YAML (default: embedded defaults)")
-    rep.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    rep.add_argument("--use-cases", default="configs/use_cases", help="directory of use-case YAMLs")
-    rep.add_argument(
-        "--log", default=None, help="flushed log root (default: serve.exposure_log_output)"
+    app = sub.add_parser(
+        "apply", help="report, then stop (share 0, live) every arm the report says to stop"
     )
-    rep.add_argument("--mlflow", action="store_true", help="log each experiment to an MLflow run")
+    for sp in (rep, app):
+        sp.add_argument("config", nargs="?", help="project config YAML (default: the defaults)")
+        sp.add_argument("overrides", nargs="*", help="section.field=value overrides")
+        sp.add_argument("--use-cases", default="configs/use_cases", help="use-case YAML folder")
+        sp.add_argument("--log", default=None, help="flushed log root (serve.exposure_log_output)")
+        sp.add_argument("--mlflow", action="store_true", help="log each experiment to MLflow")
+    app.add_argument("--address", default="auto", help="Ray address of the serving cluster")
+    app.add_argument("--dry-run", action="store_true", help="decide, change nothing")
     a = p.parse_args(argv)
     a.config, a.overrides = config_args(a.config, a.overrides)
     try:
@@ -314,8 +381,47 @@ def main(argv: list[str] | None = None) -> int:
             r["mlflow_run_id"] = log_to_mlflow(cfg, use_case, r)
         print(format_report(use_case, r))
         reports[use_case] = r
-    print(json.dumps({"experiments": reports}, default=float))
+    if a.command == "apply":
+        reports = {"experiments": reports, "applied": _apply(a, cfg, found, reports)}
+    else:
+        reports = {"experiments": reports}
+    print(json.dumps(reports, default=float))
     return 0
+
+
+def _apply(a, cfg: UnirankConfig, found, reports: dict) -> dict:
+    """Stop what the reports say to stop on the running apps; log each decision."""
+    import ray
+
+    if not a.dry_run:
+        ray.init(address=a.address, log_to_driver=False)
+    applied = {}
+    try:
+        for use_case, exp in found:
+            current = (None if a.dry_run else live_experiment(use_case)) or exp
+            names = to_stop(current, reports[use_case])
+            if not names:
+                continue
+            new = stop_arms(current, names)
+            if not a.dry_run:
+                push_experiment(use_case, new)
+            shares = {arm.name: arm.share for arm in new.arms}
+            applied[use_case] = {"stopped": names, "shares": shares, "dry_run": a.dry_run}
+            logging.getLogger("unirank.experiments").warning(
+                "experiment %s (%s): stopped %s; shares now %s", exp.id, use_case, names, shares
+            )
+            run_id = reports[use_case].get("mlflow_run_id")
+            if run_id and not a.dry_run:
+                from mlflow.tracking import MlflowClient
+
+                for name in names:
+                    MlflowClient(cfg.mlflow.tracking_uri).set_tag(
+                        run_id, f"applied.{name}", "stopped"
+                    )
+    finally:
+        if not a.dry_run:
+            ray.shutdown()
+    return applied
 
 
 if __name__ == "__main__":

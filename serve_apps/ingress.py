@@ -44,7 +44,7 @@ from model.config import ArmConfig, ExperimentConfig
 from model.exposure_log import Exposure, Outcome
 from serve_apps.api import RequestError, Unavailable, build_api
 from serve_apps.bounds import EventTimes
-from serve_apps.deploy_config import INGRESS_DEPLOYMENT, parse_rollout
+from serve_apps.deploy_config import INGRESS_DEPLOYMENT, parse_experiment, parse_rollout
 from serve_apps.experiments import assign_arm
 from serve_apps.exposures import make_exposure_log
 from serve_apps.feature_store import Encoding, Events, make_store, now_s
@@ -587,8 +587,12 @@ class UseCaseIngress:
         self.core = IngressCore(AppSettings.from_args(args), HandleRanker(ranker))
 
     def reconfigure(self, config: dict) -> None:
-        """The app's rollout (the same user_config as the ranker's): keys the cache."""
+        """The app's rollout (the same user_config as the ranker's): keys the cache; and the
+        running experiment's arms and shares, changed live (serve_apps.experiments apply)."""
         _, self.core.target_version = parse_rollout(config)
+        experiment = parse_experiment(config)
+        if experiment is not None:
+            self.core.experiment = experiment
 
     def __serve_build_asgi_app__(self):
         return build_api(self.core)

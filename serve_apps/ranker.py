@@ -42,7 +42,12 @@ from ray import serve
 from model.config import ConfigError
 from model.export import load_predictor, user_bucket
 from serve_apps.bounds import EventTimes, InvalidRankInput, check_rank_input
-from serve_apps.deploy_config import RANKER_DEPLOYMENT, ROLLOUT_KV_PREFIX, parse_rollout
+from serve_apps.deploy_config import (
+    RANKER_DEPLOYMENT,
+    ROLLOUT_KV_PREFIX,
+    parse_arms,
+    parse_rollout,
+)
 from serve_apps.feature_store import Encoding, Events
 from serve_apps.metrics import ServingMetrics
 from serve_apps.model_store import model_version, resolve_model_dir
@@ -211,18 +216,41 @@ def refuse(inp: RankInput, times: EventTimes) -> dict[str, np.ndarray] | None:
     return None
 
 
+def score_by_arm(
+    live: ModelScorer, arms: dict[str, ModelScorer], inputs: list[RankInput]
+) -> list[dict[str, np.ndarray]]:
+    """Score each input with its experiment arm's model (``inp.arm``; None = the live model),
+    one batched call per model. An arm this replica has no model for gets ``__error__`` (the
+    ingress serves its fallback, marked), never another arm's scores."""
+    groups: dict[str | None, list[int]] = {}
+    for i, inp in enumerate(inputs):
+        groups.setdefault(inp.arm, []).append(i)
+    out: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+    for arm, idx in groups.items():
+        scorer = live if arm is None else arms.get(arm)
+        if scorer is None:
+            for i in idx:
+                out[i] = {ERROR_KEY: np.asarray(f"model_error: no model for arm {arm!r}")}
+            continue
+        for i, o in zip(idx, scorer.score_batch([inputs[i] for i in idx]), strict=True):
+            out[i] = o
+    return out
+
+
 class InProcessRanker:
     """The ranker's per-request path in this process, without Serve (unit tests, tools): the
-    same pre-batch check and isolated scoring as :class:`Ranker`, one request per call."""
+    same pre-batch check, isolated scoring and arm models as :class:`Ranker`, one request
+    per call."""
 
-    def __init__(self, scorer: ModelScorer):
+    def __init__(self, scorer: ModelScorer, arms: dict[str, ModelScorer] | None = None):
         self.scorer = scorer
+        self.arms = arms or {}
 
     async def rank(self, inp: RankInput, timeout_s: float) -> dict[str, np.ndarray]:
         refused = refuse(inp, self.scorer.times)
         if refused is not None:
             return refused
-        call = asyncio.to_thread(self.scorer.score_batch, [inp])
+        call = asyncio.to_thread(score_by_arm, self.scorer, self.arms, [inp])
         (out,) = await asyncio.wait_for(call, timeout_s)
         return out
 
@@ -256,6 +284,7 @@ class Ranker:
         # Loaded by reconfigure(user_config), which Serve calls before this replica takes
         # traffic (serve_apps.app.build_app always sets a user_config).
         self.scorer: ModelScorer | None = None
+        self.arms: dict[str, ModelScorer] = {}  # an experiment's other models, by arm
         self.rollout: dict = {"target": None, "serving": None, "error": None, "at": None}
 
     async def reconfigure(self, config: dict) -> None:
@@ -263,6 +292,7 @@ class Ranker:
         and warm it up, then swap. The first model of a replica must load (the replica does
         not start without one); a later one that fails leaves the old one serving."""
         uri, label = parse_rollout(config)
+        await self._load_arms(parse_arms(config))
         current = self.scorer
         if current is not None and (
             current.settings.model_uri,
@@ -294,6 +324,23 @@ class Ranker:
             scorer.predictor.shape_buckets, load_s,
         )  # fmt: skip
         self._publish()
+
+    async def _load_arms(self, wanted: dict[str, tuple[str, str]]) -> None:
+        """Hold exactly the arms' models of ``user_config.arms``, loading only new versions;
+        an arm whose model fails to load is left out (its requests get a marked fallback)."""
+        arms: dict[str, ModelScorer] = {}
+        for name, (uri, label) in wanted.items():
+            have = self.arms.get(name)
+            if have is not None and have.version["model_version"] == label:
+                arms[name] = have
+                continue
+            try:
+                arms[name] = await asyncio.to_thread(self._load, uri, label)
+            except Exception as exc:  # noqa: BLE001 - the other arms keep serving
+                self.metrics.inc("unirank_rollouts", outcome="failed")
+                logger.error("task_type=%s arm %s: model %s failed to load: %r",
+                             self.use_case, name, uri, exc)  # fmt: skip
+        self.arms = arms  # one assignment, as for the live model
 
     def _load(self, uri: str, label: str) -> ModelScorer:
         scorer = ModelScorer(dataclasses.replace(self.settings, model_uri=uri), label)
@@ -328,7 +375,7 @@ class Ranker:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def rank_batch(self, inputs: list[RankInput]) -> list[dict[str, np.ndarray]]:
-        scorer = self._scorer()  # the whole batch on one model, even if a rollout swaps it
+        scorer, arms = self._scorer(), self.arms  # one set of models for the whole batch
         if self._fault is not None:
             kind, delay = self._fault
             if kind == "slow":
@@ -337,7 +384,7 @@ class Ranker:
                 raise RuntimeError("injected model failure (Ranker.set_fault)")
         t0 = time.perf_counter()
         # The forward pass is CPU-bound: off the event loop, so health checks still answer.
-        out = await asyncio.to_thread(scorer.score_batch, inputs)
+        out = await asyncio.to_thread(score_by_arm, scorer, arms, inputs)
         self.metrics.observe("unirank_model_latency_ms", (time.perf_counter() - t0) * 1e3)
         for o in out:
             if ERROR_KEY in o:
@@ -354,7 +401,8 @@ class Ranker:
 
     def version(self) -> dict:
         """The serving model and this replica's last rollout (target, error, when)."""
-        return {**self._scorer().version, "rollout": dict(self.rollout)}
+        arms = {name: a.version["model_version"] for name, a in self.arms.items()}
+        return {**self._scorer().version, "rollout": dict(self.rollout), "arms": arms}
 
     def set_fault(self, kind: str | None, delay_s: float = 0.0) -> None:
         """Fault injection for drills and tests (not reachable over HTTP): ``"error"`` makes

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from model.config import ConfigError, load_config
+from model.config import ConfigError, config_args, load_config
 from model.model_dir import pin_model_uri
 from serve_apps.deploy_config import IMPORT_PATH, RANKER_DEPLOYMENT, ROLLOUT_KV_PREFIX, with_rollout
 
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for replicas")
     p.add_argument("--dry-run", action="store_true", help="print what would be rolled out")
     a = p.parse_args(argv)
-    if a.config and "=" in a.config:  # only overrides given
-        a.overrides.insert(0, a.config)
-        a.config = None
+    a.config, a.overrides = config_args(a.config, a.overrides)
     if not 0 < a.timeout <= 3600:
         p.exit(2, f"error: --timeout must be in (0, 3600] seconds, got {a.timeout}\n")
     try:

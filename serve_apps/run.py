@@ -30,7 +30,12 @@ from ray import serve
 
 from model.config import ConfigError, UnirankConfig, UseCaseConfig, config_args, load_config
 from model.model_dir import pin_model_uri
-from serve_apps.deploy_config import build_serve_config, load_use_cases, with_rollout
+from serve_apps.deploy_config import (
+    build_serve_config,
+    experiment_user_config,
+    load_use_cases,
+    with_rollout,
+)
 from serve_apps.model_store import resolve_model_dir
 from serve_apps.retrieval import INDEX_FILE, RetrievalIndex
 
@@ -246,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         use_cases = fit_to_cluster(use_cases, free_cpus())
         serve_config = build_serve_config(cfg, use_cases, host=cfg.serve.host, model_uri=uri)
         pinned, label = pin_model_uri(uri, cfg)  # every replica serves this version
-        urls = deploy(with_rollout(serve_config, pinned, label))
+        arms = {
+            uc.name: experiment_user_config(uc, lambda u: pin_model_uri(u, cfg)) for uc in use_cases
+        }
+        urls = deploy(with_rollout(serve_config, pinned, label, arms))
         print(f"serving {label} ({pinned}); move it with python -m serve_apps.rollout")
         for name, url in urls.items():
             print(f"{name:15s} POST {url}/rank   POST {url}/events   GET {url}/docs")

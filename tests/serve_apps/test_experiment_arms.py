@@ -12,7 +12,7 @@ import pytest
 
 from model.config import ExperimentConfig
 from serve_apps.api import build_api
-from serve_apps.experiments import assign_arm
+from serve_apps.experiments import assign_arm, stop_arms, to_stop
 from serve_apps.exposures import MemoryExposureLog
 from serve_apps.ingress import HOLDOUT_VERSION, IngressCore
 from serve_apps.ranker import InProcessRanker, ModelScorer
@@ -79,3 +79,63 @@ def test_responses_name_their_arm_and_the_holdout_is_not_personalized(client):
         arm = assign_arm(e.user_id, EXPERIMENT)
         assert (e.experiment, e.arm, e.propensity) == ("notif-holdout", arm.name, arm.share)
         assert (e.scores is None) == (arm.name == "holdout")
+
+
+def test_stopping_an_arm_gives_its_users_to_the_control():
+    exp = ExperimentConfig.model_validate(
+        {
+            "id": "e",
+            "salt": "s",
+            "arms": [
+                {"name": "champion", "share": 0.5},
+                {"name": "challenger", "share": 0.3, "model_uri": "models:/m/2"},
+                {"name": "holdout", "share": 0.2, "policy": "popularity"},
+            ],
+        }
+    )
+    stopped = stop_arms(exp, ["challenger", "champion"])  # the control is never stopped
+    assert {a.name: a.share for a in stopped.arms} == pytest.approx(
+        {"champion": 0.8, "challenger": 0.0, "holdout": 0.2}
+    )
+    moved = [u for u in range(1, 3000) if assign_arm(u, exp).name == "challenger"]
+    assert {assign_arm(u, stopped).name for u in moved} == {"champion"}
+    # holdout users keep their arm: the slices of the other arms do not move
+    held = [u for u in range(1, 3000) if assign_arm(u, exp).name == "holdout"]
+    assert {assign_arm(u, stopped).name for u in held} == {"holdout"}
+    report = {"arms": {"challenger": {"decision": {"action": "stop"}}, "holdout": {}}}
+    assert to_stop(exp, report) == ["challenger"] and to_stop(stopped, report) == []
+
+
+def test_model_arms_are_scored_by_their_own_model(exported, tmp_path):
+    """A challenger arm scores with its own model (its version in the response); an arm the
+    ranker has no model for gets a marked fallback, never another arm's scores."""
+    model_dir, cfg = exported
+    exp = ExperimentConfig.model_validate(
+        {
+            "id": "two-models",
+            "salt": "s",
+            "arms": [
+                {"name": "champion", "share": 0.5},
+                {"name": "challenger", "share": 0.5, "model_uri": str(model_dir)},
+            ],
+        }
+    )
+    s = settings(model_dir, cfg, "notifications")
+    uc = s.use_case.model_copy(update={"experiment": exp, "fallback": "popularity"})
+    s = dataclasses.replace(s, use_case=uc)
+    live, other = ModelScorer(s, "live-v1"), ModelScorer(s, "challenger-v2")
+    cands = [{"item_id": i} for i in range(1, 30)]
+    for arms, challenger_version in (({"challenger": other}, "challenger-v2"), ({}, None)):
+        core = IngressCore(s, InProcessRanker(live, arms))
+        core.log = None
+        with TestClient(build_api(core), raise_server_exceptions=False) as c:
+            for user in range(1, 21):
+                r = c.post("/rank", json={"user_id": user, "candidates": cands})
+                assert r.status_code == 200, r.text
+                r = r.json()
+                if r["arm"] == "champion":
+                    assert r["model_version"] == "live-v1" and r["fallback"] is None
+                elif challenger_version:
+                    assert r["model_version"] == challenger_version and r["fallback"] is None
+                else:  # no model for the arm on this ranker: marked, not silently the live one
+                    assert r["fallback"]["reason"] == "model_error"
