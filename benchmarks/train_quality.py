@@ -10,13 +10,20 @@ formula fed from the logged columns, what a model with perfect item knowledge co
 the generator's oracle (true probabilities, which read the users' hidden interests), and the
 model's share of the reference's lift, (AUC - 0.5) / (ref - 0.5). Quality is read within each
 use-case; the pooled click AUC is printed only to show how base-rate gaps inflate it.
-``--impressions N`` sets the generated size. MovieLens: build -> train -> per use-case
-(task_type) AUC of click and engage. Prints one JSON line.
+``--impressions N`` sets the generated size; ``--data ROOT`` reuses an existing generate +
+prepare output instead (``ROOT/raw`` with its ``truth/``, ``ROOT/prepared``). MovieLens: build
+-> train -> per use-case (task_type) AUC of click and engage; ``--movielens-data DIR`` reuses
+an existing ``python -m ray_jobs.movielens`` output. Prints one JSON line.
+
+The reuse options are how tests/benchmarks runs ``--quick`` on the session's data: generate +
+prepare and the MovieLens build are tested on their own, and paying them again here would
+only add minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -113,18 +120,21 @@ def unseen_items(cfg) -> dict:
     return out
 
 
-def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
+def synthetic(tmp: str, impressions: int, epochs: int, data: str | None = None) -> dict:
+    """``data``: an existing generate + prepare output to train on instead of generating
+    ``impressions`` under ``tmp``."""
+    root = data or tmp
     cfg = load_config(
         REPO / "configs" / "synthetic_ads.yaml",
         [
             *MODEL,
             f"generate.num_impressions={impressions}",
-            f"generate.output={tmp}/raw",
-            f"prepare.input={tmp}/raw",
-            f"prepare.output={tmp}/prepared",
-            f"dataset.train=[{tmp}/prepared/train]",
-            f"dataset.validation=[{tmp}/prepared/validation]",
-            f"dataset.test=[{tmp}/prepared/test]",
+            f"generate.output={root}/raw",
+            f"prepare.input={root}/raw",
+            f"prepare.output={root}/prepared",
+            f"dataset.train=[{root}/prepared/train]",
+            f"dataset.validation=[{root}/prepared/validation]",
+            f"dataset.test=[{root}/prepared/test]",
             f"train.storage_path={tmp}/runs",
             f"train.epochs={epochs}",
             "train.objective={click: 0.3, checkout: 0.7}",
@@ -132,11 +142,15 @@ def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
         ],
     )
-    generate(cfg)
-    prepare(cfg)
+    if data is None:
+        generate(cfg)
+        prepare(cfg)
+    else:
+        summary = json.loads(Path(root, "prepared", "reports", "summary.json").read_text())
+        impressions = summary["rows_in"]
     result = train.run(cfg)
     report = evaluate.run(cfg, baselines=True)
-    cells = use_case_cells(tmp, train.resolve_paths(cfg), report)
+    cells = use_case_cells(root, train.resolve_paths(cfg), report)
     b = report["baselines"]["checkout"]
     shares = [
         c["share_of_reference"] for c in cells.values() if c["share_of_reference"] is not None
@@ -161,16 +175,19 @@ def synthetic(tmp: str, impressions: int, epochs: int) -> dict:
     }
 
 
-def movielens(tmp: str, epochs: int, steps: int) -> dict:
+def movielens(tmp: str, epochs: int, steps: int, data: str | None = None) -> dict:
+    """``data``: an existing MovieLens build (its train/validation/test) instead of one under
+    ``tmp``."""
+    built = data or f"{tmp}/ml"
     cfg = load_config(
         REPO / "configs" / "movielens.yaml",
         [
             *MODEL,
             f"movielens.source={REPO}/data/ml-latest-small",
-            f"movielens.output={tmp}/ml",
-            f"dataset.train=[{tmp}/ml/train]",
-            f"dataset.validation=[{tmp}/ml/validation]",
-            f"dataset.test=[{tmp}/ml/test]",
+            f"movielens.output={built}",
+            f"dataset.train=[{built}/train]",
+            f"dataset.validation=[{built}/validation]",
+            f"dataset.test=[{built}/test]",
             f"train.storage_path={tmp}/runs",
             "train.run_name=movielens",
             f"train.epochs={epochs}",
@@ -178,7 +195,8 @@ def movielens(tmp: str, epochs: int, steps: int) -> dict:
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
         ],
     )
-    write_movielens(cfg)
+    if data is None:
+        write_movielens(cfg)
     result = train.run(cfg)
     report = evaluate.run(cfg)
     per_use_case = {
@@ -195,15 +213,18 @@ def main() -> None:
     )
     p.add_argument("--skip-movielens", action="store_true")
     p.add_argument("--impressions", type=int, help="generated impressions (default 200k)")
+    p.add_argument("--data", default=None, help="reuse ROOT/raw + ROOT/prepared, no generate")
+    p.add_argument("--movielens-data", default=None, help="reuse a ray_jobs.movielens output")
     args = p.parse_args()
     impressions, epochs = (20_000, 2) if args.quick else (200_000, 6)
     impressions = args.impressions or impressions
     start_ray(num_cpus=2, object_store_memory=600 * 2**20, include_dashboard=True)
     out = {"benchmark": "train_quality", "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
-        out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs)
+        out["synthetic_ads"] = synthetic(f"{tmp}/syn", impressions, epochs, args.data)
         if not args.skip_movielens:
-            out["movielens"] = movielens(f"{tmp}/ml", epochs, 20 if args.quick else 400)
+            steps = 20 if args.quick else 400
+            out["movielens"] = movielens(f"{tmp}/ml", epochs, steps, args.movielens_data)
     ray.shutdown()
     emit(out)
 

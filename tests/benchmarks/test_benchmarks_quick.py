@@ -104,9 +104,17 @@ def test_benchmark_quick_prints_its_documented_keys(name, ray_cluster, request, 
     extra = []
     # The session's generated + prepared smoke data (configs/smoke.yaml) instead of a generate
     # + prepare of their own: prepare's start-up (~20 s at any size on 2 cores) would blow the
-    # budget; ingest runs prepare itself, twice.
+    # budget; ingest runs prepare itself, twice (measuring it is its point).
     if name == "train_throughput":  # generates with configs/smoke.yaml itself otherwise
         extra = ["--data", str(request.getfixturevalue("smoke_data"))]
+    elif name == "train_quality":  # and the session's MovieLens build (tests/conftest.py)
+        ml_out, _, _ = request.getfixturevalue("movielens_root")
+        extra = [
+            "--data",
+            str(request.getfixturevalue("smoke_data")),
+            "--movielens-data",
+            str(ml_out),
+        ]
     elif name == "label_truth":
         smoke = REPO / "configs" / "smoke.yaml"
         extra = ["--data", str(request.getfixturevalue("smoke_data")), "--config", str(smoke)]
