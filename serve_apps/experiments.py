@@ -108,7 +108,8 @@ def join(exposures: pa.Table, outcomes: pa.Table, exp: ExperimentConfig) -> _Joi
         i, metric = where.get(r), by_type.get(kind)
         if i is None or metric is None or item not in items[i]:
             continue
-        if 0 <= t - ts[i] <= exp.attribution_window_s:
+        # events carry whole seconds (Event.timestamp), exposures fractions of one
+        if math.floor(ts[i]) <= t <= ts[i] + exp.attribution_window_s:
             key = (metric, i, item)
             first[key] = min(first.get(key, t), t)
     events = {}

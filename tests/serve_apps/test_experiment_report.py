@@ -141,3 +141,18 @@ def test_report_cli_from_redis_through_flush_to_mlflow(redis_url, tmp_path, mlfl
     assert run.data.metrics["challenger/ctr"] == pytest.approx(
         r["arms"]["challenger"]["rates"]["ctr"]
     )
+
+
+def test_an_event_in_the_same_second_as_its_exposure_counts():
+    """Events carry whole seconds (the API's timestamp), exposures fractions of one: a click
+    logged at floor(exposure time) is inside the window, one a second earlier is not."""
+    exp = experiment()
+    t = 1.75e9 + 0.75
+    records = [
+        Exposure("a", t, "ads", 1, "v", [5], [0.1], exp.id, "champion", 0.5),
+        Exposure("b", t, "ads", 2, "v", [5], [0.1], exp.id, "champion", 0.5),
+        Outcome("a", float(int(t)), "ads", 1, 5, 1),
+        Outcome("b", float(int(t)) - 1, "ads", 2, 5, 1),
+    ]
+    exposures, outcomes = to_tables([(f"{i}-0", r) for i, r in enumerate(records)])
+    assert analyze(exposures, outcomes, exp)["arms"]["champion"]["rates"]["ctr"] == 0.5
