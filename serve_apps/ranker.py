@@ -298,6 +298,8 @@ class Ranker:
             current.settings.model_uri,
             current.version["model_version"],
         ) == (uri, label):
+            self.rollout.update(target=label, error=None)  # e.g. back from a failed rollout
+            self._publish()
             return
         self.rollout.update(target=label, error=None)
         t0 = time.monotonic()

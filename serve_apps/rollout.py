@@ -70,7 +70,7 @@ def wait_rolled_out(apps: list[str], label: str, timeout_s: float) -> dict[str, 
             f"{app}/{rid}": (st or {}).get("serving")
             for app, reps in states.items()
             for rid, st in reps.items()
-            if not st or st["serving"] != label
+            if not st or (st["serving"], st["target"]) != (label, label)  # acknowledged it
         }
         if not pending and all(states.values()):
             return {app: len(reps) for app, reps in states.items()}
