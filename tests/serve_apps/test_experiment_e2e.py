@@ -5,9 +5,7 @@ the champion without a replica restarting or a request failing."""
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -16,7 +14,6 @@ from ray import serve
 
 from model.config import ExperimentConfig
 from model.model_dir import pin_model_uri
-from ray_jobs.registry import promote
 from serve_apps.deploy_config import (
     build_serve_config,
     experiment_user_config,
@@ -25,7 +22,7 @@ from serve_apps.deploy_config import (
 )
 from serve_apps.experiments import assign_arm, live_experiment, push_experiment, stop_arms
 from serve_apps.run import deploy
-from tests.serve_apps.test_rollout_e2e import register_twice
+from tests.serve_apps.test_rollout_e2e import registered, with_registry_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
@@ -34,17 +31,7 @@ USERS = range(1, 41)
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, exported, mlflow_server, serving_cfg):
-    serving_config, free_port = serving_cfg
-    model_dir, _ = exported
-    name = f"unirank-exp-{uuid.uuid4().hex[:6]}"
-    cfg = serving_config(
-        f"serve.port={free_port()}",
-        f"mlflow.tracking_uri={mlflow_server}",
-        f"mlflow.registered_model={name}",
-        f"serve.model_uri=models:/{name}@champion",
-    )
-    a, b = register_twice(mlflow_server, model_dir, name)
-    promote(cfg, a, reason="champion")
+    cfg, name, a, b = registered(serving_cfg, mlflow_server, exported[0], "unirank-exp")
     exp = ExperimentConfig.model_validate(
         {
             "id": "e2e",
@@ -68,11 +55,7 @@ def app(ray_cluster, exported, mlflow_server, serving_cfg):
         for uc in load_use_cases(REPO / "configs" / "use_cases")
         if uc.name == "notifications"
     ]
-    config = build_serve_config(cfg, [uc])
-    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_"))}
-    env |= {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server}
-    for spec in config["applications"]:
-        spec["runtime_env"] = {"env_vars": env}
+    config = with_registry_env(build_serve_config(cfg, [uc]), mlflow_server)
     arms = {uc.name: experiment_user_config(uc, lambda u: pin_model_uri(u, cfg))}
     urls = deploy(with_rollout(config, *pin_model_uri(cfg.serve.model_uri, cfg), arms))
     with httpx.Client(timeout=30.0) as client:

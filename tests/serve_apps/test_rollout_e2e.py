@@ -47,11 +47,11 @@ def register_twice(tracking_uri: str, model_dir: Path, name: str) -> tuple[str, 
     return str(a), str(b)
 
 
-@pytest.fixture(scope="module")
-def app(ray_cluster, exported, mlflow_server, serving_cfg):
+def registered(serving_cfg, mlflow_server: str, model_dir: Path, prefix: str):
+    """(config serving ``models:/<name>@champion``, name, version a, version b): two
+    registered versions of ``model_dir`` in a fresh registered model, ``a`` the champion."""
     serving_config, free_port = serving_cfg
-    model_dir, _ = exported
-    name = f"unirank-rollout-{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     cfg = serving_config(
         f"serve.port={free_port()}",
         f"mlflow.tracking_uri={mlflow_server}",
@@ -60,6 +60,21 @@ def app(ray_cluster, exported, mlflow_server, serving_cfg):
     )
     a, b = register_twice(mlflow_server, model_dir, name)
     promote(cfg, a, reason="first")
+    return cfg, name, a, b
+
+
+def with_registry_env(config: dict, mlflow_server: str) -> dict:
+    """Replicas download from the registry: they need its address and the S3 endpoint."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_"))}
+    env |= {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server}
+    for spec in config["applications"]:
+        spec["runtime_env"] = {"env_vars": env}
+    return config
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, exported, mlflow_server, serving_cfg):
+    cfg, name, a, b = registered(serving_cfg, mlflow_server, exported[0], "unirank-rollout")
     use_cases = [
         uc.model_copy(
             update={
@@ -73,12 +88,7 @@ def app(ray_cluster, exported, mlflow_server, serving_cfg):
         for uc in load_use_cases(REPO / "configs" / "use_cases")
         if (n := APPS.get(uc.name))
     ]
-    config = build_serve_config(cfg, use_cases)
-    # Replicas download from the registry: they need its address and the S3 endpoint.
-    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_"))}
-    env |= {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server}
-    for spec in config["applications"]:
-        spec["runtime_env"] = {"env_vars": env}
+    config = with_registry_env(build_serve_config(cfg, use_cases), mlflow_server)
     urls = deploy(with_rollout(config, *pin_model_uri(cfg.serve.model_uri, cfg)))
     with httpx.Client(timeout=30.0) as client:
         yield cfg, urls, client, (f"{name}/{a}", f"{name}/{b}")
