@@ -1,0 +1,120 @@
+"""Two Ray nodes on one machine, driven as the README's "Run on a Ray cluster" shows:
+`ray start --head`, `ray start --address ... --resources`, then `ray job submit` of generate ->
+prepare -> train (2 workers, one per node) -> export, with data, checkpoints and MLflow
+artifacts on the moto S3 server and tracking on the MLflow server.
+
+Mid-training (after the first checkpoint) the worker node's raylet is killed, the rest of
+that node goes too (a lost machine), and a replacement node joins: Ray Train
+(``FailureConfig(max_failures=train.max_failures)``) starts a new worker group, which resumes
+from the last checkpoint and finishes the run.
+
+One worker per node: each node offers one ``trainer`` resource and each worker asks for one.
+"""
+
+import json
+import os
+import signal
+import time
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.ray_jobs.local_cluster import local_cluster, node_pids, stop_node
+
+pytestmark = pytest.mark.e2e
+EPOCHS = 4
+RUN = "multinode"
+WORKER_NODE = {"trainer": 1, "node2": 1}  # node2: finds the worker node in the state API
+
+
+def wait_for_key(s3, bucket: str, key: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"s3://{bucket}/{key} did not appear in {timeout} s")
+
+
+def node_id(cluster, resource: str) -> str:
+    found = [n["node_id"] for n in cluster.alive_nodes() if resource in n["resources_total"]]
+    assert len(found) == 1, cluster.alive_nodes()
+    return found[0]
+
+
+def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
+    s3_endpoint, s3_bucket, mlflow_server, train_args
+):
+    bucket, storage = s3_bucket
+    root = f"s3://{bucket}"
+    args = [
+        *train_args(
+            root,
+            RUN,
+            mlflow_server,
+            f"train.epochs={EPOCHS}",
+            "train.patience=10",  # no early stop: the run must still be training when hit
+            "train.num_workers=2",
+            "train.resources_per_worker={CPU: 0.4, trainer: 1}",
+        ),  # fmt: skip
+        *storage,
+        f"generate.output={root}/raw",
+        f"prepare.input={root}/raw",
+        f"prepare.output={root}/prepared",
+    ]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+    t0 = time.monotonic()
+    with local_cluster(head_cpus=2, head_resources={"trainer": 1}) as cluster:
+        node2 = cluster.start_node(False, 1, WORKER_NODE)
+        head_id, lost_id = node_id(cluster, "node:__internal_head__"), node_id(cluster, "node2")
+        cluster.run_job("generate", ["ray_jobs.generate", "configs/smoke.yaml", *args])
+        cluster.run_job("prepare", ["ray_jobs.prepare", "configs/smoke.yaml", *args])
+        job = cluster.submit(
+            "train", ["ray_jobs.train", "configs/smoke.yaml", *args],
+            env_vars={"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"},  # the Train state API / tab
+        )  # fmt: skip
+
+        # after the first checkpoint: the worker node's raylet dies, then the whole node
+        wait_for_key(s3, bucket, f"runs/{RUN}/epoch_0001/state.json")
+        raylets = node_pids(node2, "raylet")
+        assert len(raylets) == 1, raylets
+        os.kill(raylets[0], signal.SIGKILL)
+        killed_at = time.monotonic() - t0
+        stop_node(node2)
+        cluster.start_node(False, 1, WORKER_NODE)  # a replacement machine joins
+        new_id = node_id(cluster, "node2")
+        logs = cluster.wait(job, timeout=300)
+
+        runs = cluster.api("/api/train/v2/runs/v1")["train_runs"]
+        attempts = next(r for r in runs if r["name"] == RUN)["attempts"]
+        summary = json.loads(next(line for line in logs.splitlines() if '{"train":' in line))
+        print(f"killed at {killed_at:.0f} s; attempts:", [
+            (a["status"], sorted((w["world_rank"], w["node_id"][:8]) for w in a["workers"]))
+            for a in attempts
+        ])  # fmt: skip
+
+        cluster.run_job("export", ["ray_jobs.export", "configs/smoke.yaml", *args])
+    print(f"multinode e2e: {time.monotonic() - t0:.0f} s")
+
+    # each attempt ran its 2 workers on 2 different nodes: head + worker node (then its
+    # replacement)
+    assert [sorted(w["node_id"] for w in a["workers"]) for a in attempts] == [
+        sorted([head_id, lost_id]),
+        sorted([head_id, new_id]),
+    ]
+    assert [a["status"] for a in attempts] == ["ERRORED", "FINISHED"]
+    # the second attempt resumed after a checkpointed epoch and trained to the end
+    train = summary["train"]
+    resumed_after = train["starts"][1]
+    assert train["starts"] == [0, resumed_after] and 1 <= resumed_after < EPOCHS, train
+    assert train["epochs"] == EPOCHS and not train["stopped_early"]
+    assert f"resuming after epoch {resumed_after}" in logs
+    assert train["last"]["epoch"] == EPOCHS
+
+    # the export job registered the run's model as the first champion
+    client = MlflowClient(mlflow_server)
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("mlflow.registered_model="))
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.run_id == train["mlflow_run_id"]
