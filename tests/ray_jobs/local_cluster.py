@@ -35,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_pids(temp_dir: str, name: str | None = None) -> list[int]:
-    """Processes of the node started with ``temp_dir`` (its path is in their command lines),
-    read from /proc; ``name``: only those whose executable's base name is ``name``."""
+def node_pids(*temp_dirs: str, name: str | None = None) -> list[int]:
+    """Processes of the nodes started with ``temp_dirs`` (the path is in their command
+    lines), read from /proc; ``name``: only those whose executable's base name is ``name``."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -47,21 +47,22 @@ def node_pids(temp_dir: str, name: str | None = None) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if temp_dir.encode() in b" ".join(argv) and (
+        line = b" ".join(argv)
+        if any(d.encode() in line for d in temp_dirs) and (
             name is None or os.path.basename(argv[0]).decode(errors="replace") == name
         ):
             out.append(int(entry))
     return out
 
 
-def stop_node(temp_dir: str, grace: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL, every process of the node started with ``temp_dir``."""
+def stop_node(*temp_dirs: str, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL, every process of the nodes started with ``temp_dirs``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in node_pids(temp_dir):
+        for pid in node_pids(*temp_dirs):
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while node_pids(temp_dir) and time.monotonic() < deadline:
+        while node_pids(*temp_dirs) and time.monotonic() < deadline:
             time.sleep(0.3)
 
 
@@ -110,8 +111,7 @@ class LocalCluster:
         return temp_dir
 
     def stop(self) -> None:
-        for temp_dir in reversed(self.temp_dirs):
-            stop_node(temp_dir)
+        stop_node(*self.temp_dirs)
 
     def api(self, path: str) -> dict | list:
         """GET a dashboard API path with the cluster's auth token."""

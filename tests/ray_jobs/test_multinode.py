@@ -98,7 +98,7 @@ def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
         wait_for_file(
             store.filesystem, store.join(f"runs/{RUN}/checkpoint_manager_snapshot.json").path
         )
-        raylets = node_pids(node2, "raylet")
+        raylets = node_pids(node2, name="raylet")
         assert len(raylets) == 1, raylets
         os.kill(raylets[0], signal.SIGKILL)
         lap("raylet killed")
@@ -112,7 +112,7 @@ def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
         runs = cluster.api("/api/train/v2/runs/v1")["train_runs"]
         attempts = next(r for r in runs if r["name"] == RUN)["attempts"]
         summary = json.loads(next(line for line in logs.splitlines() if '{"train":' in line))
-        print("attempts:", [
+        print(f"resumed after epoch {summary['train']['starts'][1:]}; attempts:", [
             (a["status"], sorted((w["world_rank"], w["node_id"][:8]) for w in a["workers"]))
             for a in attempts
         ])  # fmt: skip
