@@ -52,32 +52,28 @@ def replica_states(app: str) -> dict[str, dict | None]:
 
 
 def wait_rolled_out(apps: list[str], label: str, timeout_s: float) -> dict[str, int]:
-    """Until every ranker replica of ``apps`` serves ``label``; RolloutError as soon
-    as one reports that loading ``label`` failed, or at the timeout. Returns {app: replicas}."""
+    """Until every ranker replica of ``apps`` has answered the rollout to ``label``: all serve
+    it (returns {app: replicas}), or some failed to load it (RolloutError naming every failed
+    replica and its error, once the others have answered too), or the timeout passed."""
     deadline = time.monotonic() + timeout_s
     while True:
         states = {app: replica_states(app) for app in apps}
-        failed = {
-            f"{app}/{rid}": st["error"]
-            for app, reps in states.items()
-            for rid, st in reps.items()
-            if st and st["target"] == label and st["error"]
-        }
-        if failed:
+        failed, pending = {}, {}
+        for app, reps in states.items():
+            for rid, st in reps.items():
+                if st and st["target"] == label and st["error"]:
+                    failed[f"{app}/{rid}"] = st["error"]
+                elif not st or (st["serving"], st["target"]) != (label, label):  # not yet
+                    pending[f"{app}/{rid}"] = (st or {}).get("serving")
+        if failed and not pending:
             raise RolloutError(f"rollout to {label} failed on {len(failed)} replicas (they "
                                f"keep serving the previous version): {failed}")  # fmt: skip
-        pending = {
-            f"{app}/{rid}": (st or {}).get("serving")
-            for app, reps in states.items()
-            for rid, st in reps.items()
-            if not st or (st["serving"], st["target"]) != (label, label)  # acknowledged it
-        }
-        if not pending and all(states.values()):
+        if not failed and not pending and all(states.values()):
             return {app: len(reps) for app, reps in states.items()}
         if time.monotonic() > deadline:
             raise RolloutError(
-                f"rollout to {label}: not every ranker replica serves it after {timeout_s} s; "
-                f"replica -> serving: {pending or 'no replicas'}"
+                f"rollout to {label}: not every ranker replica answered after {timeout_s} s; "
+                f"failed: {failed or 'none'}; replica -> serving: {pending or 'no replicas'}"
             )
         time.sleep(0.2)
 
