@@ -56,6 +56,9 @@ def node_id(cluster, resource: str, other_than: str = "", timeout: float = 30) -
         time.sleep(1)
 
 
+MODEL_PREFIX = "unirank-multinode"
+
+
 def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
     s3_bucket, mlflow_server, smoke_data, train_args
 ):
@@ -72,6 +75,8 @@ def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
             "train.resources_per_worker={CPU: 0.4, trainer: 1}",
         ),  # fmt: skip
         *storage,
+        # its own registered model: other tests of the session register versions too
+        f"mlflow.registered_model={MODEL_PREFIX}-{bucket}",
         f"prepare.input={root}/raw",
         f"prepare.output={root}/prepared",
     ]
@@ -139,6 +144,6 @@ def test_two_nodes_prepare_train_export_and_survive_a_lost_node(
 
     # the export job registered the run's model as the first champion
     client = MlflowClient(mlflow_server)
-    name = next(a.split("=", 1)[1] for a in args if a.startswith("mlflow.registered_model="))
+    name = f"{MODEL_PREFIX}-{bucket}"
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1" and champion.run_id == train["mlflow_run_id"]
