@@ -172,14 +172,12 @@ def _sequential(j: _Joined, exp: ExperimentConfig, metric: str, arm: str, looks:
     if not looks:
         return {"p_value": 1.0}
     # tau: the mixing sd, relative to the control's rate at the end (a plug-in scale)
-    base = ratio(*_per_user(j, metric, exp.control, math.inf)).value
+    control = ratio(*_per_user(j, metric, exp.control, math.inf))  # everything known now
+    base = control.value
     tau = exp.msprt_tau * (base if base > 0 and math.isfinite(base) else 1.0)
     p = msprt_pvalues(np.asarray(diffs), np.asarray(variances), tau)
     significant = np.flatnonzero(p <= exp.alpha)
-    final = compare(
-        ratio(*_per_user(j, metric, exp.control, math.inf)),
-        ratio(*_per_user(j, metric, arm, math.inf)),
-    )
+    final = compare(control, ratio(*_per_user(j, metric, arm, math.inf)))
     out = {
         "diff": final.diff,
         "diff_ci": list(final.diff_ci),
